@@ -1,0 +1,3 @@
+"""medidiff: diffusion models for medical imaging."""
+
+__version__ = "0.1.0"
