@@ -1,0 +1,61 @@
+from pathlib import Path
+
+import pytest
+
+from medidiff.config import Config, apply_overrides, from_dict, load_config
+from medidiff.errors import ConfigError, InputError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_preset_validates(path):
+    cfg = load_config(path)
+    assert cfg.task == path.parent.name
+
+
+def test_presets_exist_for_every_task_and_size():
+    for task in ("anomaly",):
+        for preset in ("cpu-tiny", "cpu-small", "gpu-2d", "gpu-3d"):
+            assert (REPO / "configs" / task / f"{preset}.yaml").is_file()
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match="unknown key 'train.stpes'"):
+        from_dict({"train": {"stpes": 3}})
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(ConfigError, match="train.steps"):
+        from_dict({"train": {"steps": "many"}})
+
+
+def test_size_must_match_dimensions():
+    with pytest.raises(ConfigError, match="data.size needs 3 numbers"):
+        from_dict({"data": {"spatial_dims": 3, "size": [64, 64]}})
+
+
+def test_overrides_parse_yaml_values():
+    data = apply_overrides({}, ["train.steps=5", "model.channels=[8, 16]", "name=x"])
+    cfg = from_dict(data)
+    assert cfg.train.steps == 5 and cfg.model.channels == [8, 16] and cfg.name == "x"
+
+
+def test_override_without_equals_is_an_error():
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides({}, ["train.steps"])
+
+
+def test_missing_and_invalid_yaml_name_the_file(tmp_path):
+    with pytest.raises(InputError, match="nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(InputError, match="bad.yaml: is not valid YAML"):
+        load_config(bad)
+
+
+def test_round_trip_through_dict():
+    cfg = load_config(REPO / "configs" / "anomaly" / "cpu-small.yaml")
+    assert from_dict(cfg.to_dict()) == cfg
+    assert isinstance(cfg, Config)
