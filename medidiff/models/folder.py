@@ -1,0 +1,153 @@
+"""The model folder: weights (safetensors), ``model.yaml`` and a short model card.
+
+``model.yaml`` holds everything inference needs: the resolved config (network, schedule, task,
+preprocessing), the calibration, the training-data fingerprint and the weights' hash. It is read
+with YAML's safe loader and validated; weights are loaded without unpickling and checked against
+the recorded hash.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+import medidiff
+from medidiff.config import Config, from_dict
+from medidiff.data.io import atomic_write_text
+from medidiff.errors import ConfigError, ModelFolderError
+from medidiff.models.checkpoint import load_weights, save_weights
+from medidiff.models.unet import build_unet
+
+WEIGHTS = "weights.safetensors"
+MODEL_YAML = "model.yaml"
+MODEL_CARD = "model_card.md"
+
+
+@dataclass
+class LoadedModel:
+    """A model folder loaded for inference."""
+
+    folder: Path
+    config: Config
+    net: torch.nn.Module
+    calibration: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def task(self) -> str:
+        return self.config.task
+
+
+def build_network(cfg: Config) -> torch.nn.Module:
+    """The DiffusionModelUNet a config describes, with the task's extra channels."""
+    from medidiff.tasks import get_task
+
+    task = get_task(cfg.task)
+    target = task.target_channels(cfg)
+    m = cfg.model
+    return build_unet(
+        spatial_dims=cfg.data.spatial_dims,
+        in_channels=target + task.condition_channels(cfg),
+        out_channels=target,
+        channels=tuple(m.channels),
+        attention_levels=tuple(m.attention_levels),
+        num_res_blocks=m.num_res_blocks,
+        num_head_channels=m.num_head_channels,
+        norm_num_groups=m.norm_num_groups,
+        num_class_embeds=task.num_class_embeds(cfg),
+    )
+
+
+def save_model_folder(folder: Path, cfg: Config, state_dict: dict, info: dict[str, Any],
+                      calibration: dict[str, Any] | None = None) -> Path:
+    """Write weights, model.yaml and the model card atomically (weights first)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    digest = save_weights(state_dict, folder / WEIGHTS)
+    meta = {
+        "format": "medidiff-model/1",
+        "medidiff_version": medidiff.__version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "task": cfg.task,
+        "weights": {"file": WEIGHTS, "sha256": digest},
+        "calibration": calibration or {},
+        "info": info,
+        "config": cfg.to_dict(),
+    }
+    atomic_write_text(folder / MODEL_YAML, yaml.safe_dump(meta, sort_keys=False))
+    atomic_write_text(folder / MODEL_CARD, model_card(cfg, meta))
+    return folder
+
+
+def update_calibration(folder: Path, calibration: dict[str, Any]) -> None:
+    """Store calibrated thresholds in model.yaml (atomically)."""
+    meta = read_model_yaml(folder)
+    meta["calibration"] = calibration
+    atomic_write_text(folder / MODEL_YAML, yaml.safe_dump(meta, sort_keys=False))
+
+
+def read_model_yaml(folder: str | Path) -> dict[str, Any]:
+    folder = Path(folder)
+    path = folder / MODEL_YAML
+    if not folder.is_dir():
+        raise ModelFolderError(folder, "is not a model folder (does not exist)")
+    if not path.is_file():
+        raise ModelFolderError(folder, f"is not a model folder (no {MODEL_YAML})")
+    try:
+        meta = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError):
+        raise ModelFolderError(path, "is not valid YAML") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise ModelFolderError(path, "has no 'config' mapping")
+    return meta
+
+
+def load_model(folder: str | Path, task: str | None = None, device: str = "cpu") -> LoadedModel:
+    """Load a model folder for inference; refuse one of another task or with tampered weights."""
+    folder = Path(folder)
+    meta = read_model_yaml(folder)
+    try:
+        cfg = from_dict(meta["config"], source=str(folder / MODEL_YAML))
+    except ConfigError as err:
+        raise ModelFolderError(folder / MODEL_YAML, str(err)) from None
+    if task is not None and cfg.task != task:
+        raise ModelFolderError(folder, f"holds a '{cfg.task}' model, not a '{task}' model")
+    weights = meta.get("weights") or {}
+    name = str(weights.get("file", WEIGHTS))
+    path = (folder / name).resolve()
+    if path.parent != folder.resolve():
+        raise ModelFolderError(folder / MODEL_YAML, f"weights path '{name}' leaves the model folder")
+    state = load_weights(path, expected_sha256=weights.get("sha256"))
+    net = build_network(cfg)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError:
+        raise ModelFolderError(path, "weights do not fit the network described in model.yaml") from None
+    net.to(device).eval()
+    return LoadedModel(folder, cfg, net, dict(meta.get("calibration") or {}),
+                       dict(meta.get("info") or {}))
+
+
+def model_card(cfg: Config, meta: dict[str, Any]) -> str:
+    info = meta.get("info", {})
+    lines = [
+        f"# medidiff model: {cfg.task}",
+        "",
+        f"- created: {meta['created']} with medidiff {meta['medidiff_version']}",
+        f"- task: {cfg.task}; {cfg.data.spatial_dims}D DiffusionModelUNet "
+        f"(channels {cfg.model.channels}), {info.get('parameters', '?')} parameters",
+        f"- trained {info.get('steps', '?')} steps, batch {cfg.train.batch_size}, "
+        f"final loss {info.get('final_loss', '?')}",
+        f"- training data fingerprint: {info.get('data_fingerprint', '?')} "
+        f"({info.get('training_scans', '?')} scans)",
+        f"- preprocessing: RAS, spacing {cfg.data.spacing} mm, percentile scaling "
+        f"{list(cfg.data.intensity_percentiles)} to [0, 1], grid {cfg.data.size}",
+        "",
+        "Intended use: research. Not a medical device; outputs need expert review.",
+        "",
+    ]
+    return "\n".join(lines)
