@@ -1,0 +1,101 @@
+"""Preprocessing as a composition of MONAI transforms, invertible back to the scan's own space.
+
+Every scan goes through the same chain in training and inference: load, channel first, RAS
+orientation, resampling to the model's spacing, robust percentile scaling to [0, 1] and padding or
+cropping to the model's grid. Because each spatial step is a MONAI invertible transform, maps
+computed on the model grid go back to the input's space with ``Invertd``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    Invertd,
+    LoadImaged,
+    Orientationd,
+    ResizeWithPadOrCropd,
+    ScaleIntensityRangePercentilesd,
+    Spacingd,
+)
+from scipy import ndimage
+
+from medidiff.config import DataConfig
+
+
+def grid_size(cfg: DataConfig) -> list[int]:
+    """The model grid as a 3D spatial size; -1 keeps the scan's extent along the slice axis."""
+    if cfg.spatial_dims == 3:
+        return list(cfg.size)
+    size = list(cfg.size)
+    size.insert(cfg.slice_axis, -1)
+    return size
+
+
+def volume_transforms(
+    cfg: DataConfig,
+    image_key: str = "image",
+    label_keys: Sequence[str] = (),
+    reader=None,
+) -> Compose:
+    """Deterministic chain from a 3D scan file to the model grid, intensities in [0, 1].
+
+    Labels (tissue classes, lesion masks) follow the image with nearest-neighbour resampling.
+    """
+    keys = [image_key, *label_keys]
+    modes = ["bilinear"] + ["nearest"] * len(label_keys)
+    chain = [
+        LoadImaged(keys=keys, reader=reader, image_only=True),
+        EnsureChannelFirstd(keys=keys),
+        EnsureTyped(keys=keys, dtype=torch.float32),
+        Orientationd(keys=keys, axcodes="RAS"),
+    ]
+    if cfg.spacing is not None:
+        chain.append(Spacingd(keys=keys, pixdim=cfg.spacing, mode=modes))
+    low, high = cfg.intensity_percentiles
+    chain += [
+        ScaleIntensityRangePercentilesd(
+            keys=image_key, lower=low, upper=high, b_min=0.0, b_max=1.0, clip=True
+        ),
+        ResizeWithPadOrCropd(keys=keys, spatial_size=grid_size(cfg)),
+    ]
+    return Compose(chain)
+
+
+def invert_to_input(pipeline: Compose, data: dict, key: str, image_key: str = "image",
+                    nearest: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Map ``data[key]`` (a tensor on the model grid) back to the input scan's voxel grid.
+
+    ``data[key]`` must carry the image's metadata; ``Invertd`` replays the image's recorded
+    spatial transforms in reverse. Returns the array (without channel) and the input's affine.
+    """
+    inverter = Invertd(
+        keys=key,
+        transform=pipeline,
+        orig_keys=image_key,
+        nearest_interp=nearest,
+        to_tensor=True,
+    )
+    out = inverter(data)[key]
+    affine = np.asarray(data[image_key].meta["original_affine"], dtype=np.float64)
+    return np.asarray(out.detach().cpu().numpy()[0], dtype=np.float32), affine
+
+
+def foreground_mask(volume: np.ndarray, threshold: float) -> np.ndarray:
+    """Head/brain foreground of a [0, 1] scan: smoothed intensity above a threshold, holes filled.
+
+    Smoothing first keeps background noise (Rician floor) out of the mask.
+    """
+    smooth = ndimage.gaussian_filter(volume.astype(np.float32), sigma=1.0)
+    mask = smooth > threshold
+    if mask.ndim == 3:
+        for axis_slice in range(mask.shape[-1]):
+            mask[..., axis_slice] = ndimage.binary_fill_holes(mask[..., axis_slice])
+    else:
+        mask = ndimage.binary_fill_holes(mask)
+    return mask

@@ -1,0 +1,316 @@
+"""One training loop for every task: AdamW, EMA, AMP on GPU, atomic checkpoints, exact resume.
+
+Batches are drawn i.i.d. from the data set with a seeded ``torch.Generator`` whose state is saved
+in every checkpoint, so a resumed run continues the same random stream from the same step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medidiff.config import Config
+from medidiff.data.datasets import fingerprint, read_split, training_dataset
+from medidiff.diffusion.schedule import NoiseSchedule
+from medidiff.errors import InputError
+from medidiff.models.checkpoint import load_checkpoint, save_checkpoint
+from medidiff.models.ema import EMA
+from medidiff.models.folder import build_network, save_model_folder
+from medidiff.models.unet import count_parameters
+from medidiff.tasks import get_task
+from medidiff.tracking import Tracker
+
+CHECKPOINT = "checkpoints/last.pt"
+
+
+@dataclass
+class TrainResult:
+    model_dir: Path
+    steps: int
+    final_loss: float
+    seconds: float
+    images_per_second: float
+    run_id: str | None = None
+    losses: list[float] = field(default_factory=list)
+
+
+def select_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(None, f"unknown device '{name}'") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(None, "device 'cuda' was asked for but no CUDA GPU is available")
+    return device
+
+
+def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """bf16 where the GPU supports it, else fp16; never on CPU unless asked."""
+    mode = cfg.train.amp
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return None
+    if mode == "fp16":
+        return torch.float16
+    if mode == "bf16" or (device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
+
+
+def draw_batch(dataset, batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """An i.i.d. batch; the slice data set is indexed in one go."""
+    index = torch.randint(len(dataset), (batch_size,), generator=generator)
+    if hasattr(dataset, "data"):
+        return {k: v[index] for k, v in dataset.data.items()}
+    if hasattr(dataset, "set_random_state"):
+        dataset.set_random_state(int(torch.randint(2**31 - 1, (1,), generator=generator)))
+    items = [dataset[int(i)] for i in index]
+    return {k: torch.stack([item[k] for item in items]) for k in items[0]}
+
+
+def lr_factor(step: int, cfg: Config) -> float:
+    """Linear warm-up then cosine decay to 10% of the base rate."""
+    warm = cfg.train.warmup_steps
+    if step < warm:
+        return (step + 1) / warm
+    progress = (step - warm) / max(1, cfg.train.steps - warm)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class Trainer:
+    """Holds the state of one training run; ``run()`` trains to ``cfg.train.steps``."""
+
+    def __init__(self, cfg: Config, data_dir: str | Path, out_dir: str | Path,
+                 tracker: Tracker | None = None, progress: Callable[[dict], None] | None = None,
+                 rank: int = 0, world_size: int = 1):
+        self.cfg, self.out_dir = cfg, Path(out_dir)
+        self.tracker = tracker or Tracker(enabled=False)
+        self.progress = progress
+        self.rank, self.world_size = rank, world_size
+        self.device = select_device(cfg.train.device)
+        self.task = get_task(cfg.task)
+        self.entries = read_split(data_dir, "training")
+        if not self.entries:
+            raise InputError(data_dir, "has no training scans")
+        self.fingerprint = fingerprint(self.entries)
+        self.schedule = NoiseSchedule(**cfg.diffusion.model_dump())
+        torch.manual_seed(cfg.train.seed + rank)
+        self.net = build_network(cfg).to(self.device)
+        self.ema = EMA(self.net, decay=cfg.train.ema_decay)
+        self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.train.lr,
+                                     weight_decay=cfg.train.weight_decay)
+        self.generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + rank)
+        self.amp = amp_dtype(cfg, self.device)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == torch.float16)
+        self.step, self.run_id, self.losses = 0, None, []
+        self.dataset = None
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def checkpoint_path(self) -> Path:
+        return self.out_dir / CHECKPOINT
+
+    def save(self) -> None:
+        if self.rank != 0:
+            return
+        save_checkpoint(self.checkpoint_path(), {
+            "step": self.step,
+            "model": self.unwrapped().state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "losses": torch.tensor(self.losses, dtype=torch.float32),
+            "run_id": self.run_id or "",
+            "world_size": self.world_size,
+            "fingerprint": self.fingerprint,
+        })
+
+    def resume(self) -> bool:
+        """Restore the last checkpoint if there is one; returns whether it did."""
+        path = self.checkpoint_path()
+        if not path.is_file():
+            return False
+        state = load_checkpoint(path)
+        if int(state.get("world_size", 1)) != self.world_size:
+            raise InputError(path, f"was written by a run with world size {state['world_size']}, "
+                                   f"this run has {self.world_size}")
+        self.unwrapped().load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step = int(state["step"])
+        self.losses = [float(x) for x in state["losses"]]
+        self.run_id = state.get("run_id") or None
+        return True
+
+    def unwrapped(self) -> torch.nn.Module:
+        return getattr(self.net, "module", self.net)
+
+    # -- one step ----------------------------------------------------------------------------
+    def loss_on(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = self.task.training_inputs(batch, self.cfg, self.generator)
+        target = inputs.target.to(self.device)
+        noise = torch.randn(target.shape, generator=self.generator).to(self.device)
+        t = torch.randint(0, self.schedule.num_train_timesteps, (target.shape[0],),
+                          generator=self.generator).to(self.device)
+        x_t = self.schedule.add_noise(target, noise, t)
+        if inputs.condition is not None:
+            x_t = torch.cat([x_t, inputs.condition.to(self.device)], dim=1)
+        labels = None if inputs.class_labels is None else inputs.class_labels.to(self.device)
+        autocast = (torch.autocast(self.device.type, dtype=self.amp) if self.amp
+                    else contextlib.nullcontext())
+        with autocast:
+            pred = self.net(x_t, timesteps=t, class_labels=labels)
+        goal = self.schedule.training_target(target, noise, t)
+        return torch.nn.functional.mse_loss(pred.float(), goal.float())
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> float:
+        for group in self.opt.param_groups:
+            group["lr"] = self.cfg.train.lr * lr_factor(self.step, self.cfg)
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.loss_on(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss.item()} at step {self.step}")
+        self.scaler.scale(loss).backward()
+        if self.cfg.train.grad_clip:
+            self.scaler.unscale_(self.opt)
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.train.grad_clip)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.ema.update(self.unwrapped())
+        self.step += 1
+        return float(loss.detach())
+
+    # -- the loop ----------------------------------------------------------------------------
+    def load_data(self) -> None:
+        keys = ("image", *self.task.label_keys)
+        self.dataset = training_dataset(self.cfg.data, self.entries, keys=keys,
+                                        num_workers=self.cfg.train.num_workers,
+                                        context=self.task.slice_context(self.cfg))
+
+    def run(self, on_checkpoint: Callable[[int], None] | None = None) -> TrainResult:
+        if self.dataset is None:
+            self.load_data()
+        self.net.train()
+        cfg, started = self.cfg.train, time.monotonic()
+        seen, window = 0, []
+        while self.step < cfg.steps:
+            if cfg.max_minutes and time.monotonic() - started > cfg.max_minutes * 60:
+                break
+            loss = self.train_step(draw_batch(self.dataset, cfg.batch_size, self.generator))
+            window.append(loss)
+            seen += cfg.batch_size * self.world_size
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                self._log(window, seen / max(time.monotonic() - started, 1e-9))
+                window = []
+            if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                self.save()
+                if on_checkpoint:
+                    on_checkpoint(self.step)
+            if self.step % cfg.sample_every == 0 and self.rank == 0:
+                self.log_preview()
+        elapsed = time.monotonic() - started
+        self.save()
+        return TrainResult(self.out_dir, self.step, self.losses[-1] if self.losses else float("nan"),
+                           elapsed, seen / max(elapsed, 1e-9), self.run_id, list(self.losses))
+
+    def _log(self, window: list[float], images_per_second: float) -> None:
+        mean = float(np.mean(window)) if window else float("nan")
+        self.losses.append(mean)
+        lr = self.opt.param_groups[0]["lr"]
+        metrics = {"loss": mean, "images_per_second": images_per_second, "lr": lr}
+        if self.device.type == "cuda":
+            metrics["gpu_peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        self.tracker.log_metrics(metrics, step=self.step)
+        if self.progress:
+            self.progress({"step": self.step, "total": self.cfg.train.steps, **metrics})
+
+    def log_preview(self) -> None:
+        """A grid of few-step samples from the EMA weights, logged as an image with its step."""
+        from medidiff.report import preview_grid
+
+        grid = preview_grid(self, count=4)
+        if grid is not None:
+            self.tracker.log_image(grid, key="samples", step=self.step)
+
+    def finish(self, calibration: dict[str, Any] | None = None) -> Path:
+        """Write the model folder with the EMA weights."""
+        net = build_network(self.cfg)
+        self.ema.copy_to(net)
+        info = {
+            "steps": self.step,
+            "final_loss": round(self.losses[-1], 6) if self.losses else None,
+            "parameters": count_parameters(net),
+            "data_fingerprint": self.fingerprint,
+            "training_scans": len(self.entries),
+            "device": str(self.device),
+        }
+        return save_model_folder(self.out_dir, self.cfg, net.state_dict(), info, calibration)
+
+
+def prepare_out_dir(out_dir: Path, resume: bool) -> None:
+    """Refuse to train over an existing model unless resuming (nothing written is lost)."""
+    if resume or not out_dir.exists():
+        return
+    if (out_dir / CHECKPOINT).exists() or (out_dir / "model.yaml").exists():
+        raise InputError(out_dir, "already holds a model; pass --resume to continue it or "
+                                  "choose another --out")
+
+
+def run_training(cfg: Config, data_dir: str | Path, out_dir: str | Path, *, resume: bool = False,
+                 tracker: Tracker | None = None, progress=None, nested: bool = False,
+                 rank: int = 0, world_size: int = 1, wrap=None) -> TrainResult:
+    """Train, write the model folder, calibrate an anomaly model, and log it all to MLflow."""
+    from medidiff.config import dump_config
+    from medidiff.data.io import atomic_write_text
+    from medidiff.report import loss_curve
+
+    out_dir = Path(out_dir)
+    prepare_out_dir(out_dir, resume)
+    tracker = tracker or Tracker(enabled=False)
+    trainer = Trainer(cfg, data_dir, out_dir, tracker=tracker, progress=progress, rank=rank,
+                      world_size=world_size)
+    resumed = trainer.resume() if resume else False
+    if wrap is not None:
+        trainer.net = wrap(trainer.net)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        atomic_write_text(out_dir / "config.yaml", dump_config(cfg))
+    tags = {"task": cfg.task, "stage": "train", "data_fingerprint": trainer.fingerprint,
+            "resumed": str(resumed)}
+    with tracker.run(f"train-{cfg.task}-{cfg.name}", nested=nested, tags=tags,
+                     run_id=trainer.run_id, system_metrics=True) as run_id:
+        trainer.run_id = run_id
+        if not resumed:
+            tracker.log_params({**cfg.to_dict(), "effective_batch_size":
+                                cfg.train.batch_size * world_size, "world_size": world_size,
+                                "training_scans": len(trainer.entries)})
+            tracker.log_artifact(out_dir / "config.yaml")
+        try:
+            result = trainer.run()
+        except KeyboardInterrupt:
+            trainer.save()
+            raise
+        if rank != 0:
+            return result
+        trainer.finish()
+        if trainer.losses:
+            curve = loss_curve(trainer.losses, cfg.train.log_every, out_dir / "loss.png")
+            tracker.log_artifact(curve)
+        tracker.log_metrics({"final_loss": result.final_loss,
+                             "train_images_per_second": result.images_per_second,
+                             "train_seconds": result.seconds}, step=result.steps)
+        tracker.log_model_folder(out_dir)
+    return result
