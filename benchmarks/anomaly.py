@@ -1,0 +1,172 @@
+"""Anomaly-detection benchmark: the AnoDDPM reference, medidiff's fast settings and the baselines.
+
+Everything runs in one process on one trained model and the same scans: each setting is
+calibrated on the healthy validation scans (voxel threshold at 1% false-positive rate), then
+scores the test scans (lesioned and healthy). Maps are compared on the model grid with the lesion
+masks resampled by the same MONAI pipeline (nearest neighbour).
+
+    python benchmarks/anomaly.py                      # data and model are built if missing
+    python benchmarks/anomaly.py --settings default reference zscore --write-docs
+
+Results go to benchmarks/results/anomaly.json and, with --write-docs, into docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from medidiff import metrics  # noqa: E402
+from medidiff.api import AnomalyDetector  # noqa: E402
+from medidiff.data.datasets import cached_volumes, read_split  # noqa: E402
+from medidiff.models.folder import load_model  # noqa: E402
+from medidiff.tasks.anomaly import ScoreSettings  # noqa: E402
+
+SETTINGS = {
+    "zscore": dict(method="zscore"),
+    "threshold": dict(method="threshold"),
+    "reference": dict(sampler="ddpm", noise_levels=(250,), steps=250, draws=1),
+    "ddim10": dict(sampler="ddim", noise_levels=(250,), steps=10, draws=1),
+    "ddim10-x2": dict(sampler="ddim", noise_levels=(250,), steps=10, draws=2),
+    "ddim10-eta1-x2": dict(sampler="ddim", noise_levels=(250,), steps=10, draws=2, eta=1.0),
+    "x0-t250-x1": dict(sampler="x0", noise_levels=(250,), steps=1, draws=1),
+    "x0-t250-x10": dict(sampler="x0", noise_levels=(250,), steps=1, draws=10),
+    "x0-3lvl-x2": dict(sampler="x0", noise_levels=(150, 250, 350), steps=1, draws=2),
+    "x0-3lvl-x4": dict(sampler="x0", noise_levels=(150, 250, 350), steps=1, draws=4),
+    "default": dict(),
+}
+
+
+def machine() -> str:
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def ensure_data_and_model(data: Path, model: Path, preset: str) -> None:
+    if not (data / "dataset.json").is_file():
+        subprocess.run([sys.executable, "-m", "medidiff", "data", "example", str(data)], check=True)
+    if not (model / "model.yaml").is_file():
+        subprocess.run([sys.executable, "-m", "medidiff", "train",
+                        str(REPO / "configs" / "anomaly" / f"{preset}.yaml"), "--data", str(data),
+                        "--out", str(model), "--no-tracking", *(["--resume"] if model.exists() else [])],
+                       check=True)
+
+
+def load_split(cfg, data: Path, split: str, limit: int | None):
+    entries = read_split(data, split)[:limit]
+    keys = [{"image": e["image"], **({"mask": e["mask"]} if "mask" in e else {})} for e in entries]
+    label_keys = ("mask",) if all("mask" in k for k in keys) else ()
+    return list(cached_volumes(cfg.data, keys, label_keys=label_keys))
+
+
+def run_setting(model, name: str, val, test, device) -> dict:
+    settings = ScoreSettings.from_config(model.config.anomaly, **SETTINGS[name])
+    detector = AnomalyDetector(model, settings, device)
+    grids = [detector.score_grid(torch.as_tensor(v["image"]).as_subclass(torch.Tensor))
+             for v in val]
+    threshold = metrics.threshold_at_fpr([g.anomaly_map for g in grids], 0.01,
+                                         masks=[g.foreground for g in grids])
+    cases, seconds = [], []
+    for item in test:
+        started = time.perf_counter()
+        grid = detector.score_grid(torch.as_tensor(item["image"]).as_subclass(torch.Tensor))
+        seconds.append(time.perf_counter() - started)
+        label = np.asarray(item["mask"][0]) > 0.5
+        cases.append({"map": grid.anomaly_map, "label": label,
+                      "mask": grid.foreground | label, "score": grid.score})
+    result = metrics.evaluate_anomaly(cases, voxel_threshold=threshold)
+    result.update({"setting": name, "settings": settings.describe(),
+                   "nfe_per_slice": settings.nfe_per_slice(),
+                   "seconds_per_scan": float(np.mean(seconds)), "voxel_threshold": threshold})
+    return result
+
+
+def markdown(results: list[dict], header: str) -> str:
+    lines = [header, "",
+             "| setting | sampler | levels | steps | draws | NFE/slice | pooled AP | AUROC | "
+             "Dice@cal | best Dice (oracle) | scan AUROC | s/scan |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        s = r["settings"]
+        diffusion = s["method"] == "diffusion"
+        lines.append(
+            f"| {r['setting']} | {s['sampler'] if diffusion else s['method']} | "
+            f"{','.join(map(str, s['noise_levels'])) if diffusion else '-'} | "
+            f"{s['steps'] if diffusion else '-'} | {s['draws'] if diffusion else '-'} | "
+            f"{r['nfe_per_slice']} | {r['pooled_ap']:.3f} | {r['pooled_auroc']:.3f} | "
+            f"{r['dice_at_threshold']:.3f} | {r['best_dice_oracle']:.3f} | "
+            f"{r.get('scan_auroc', float('nan')):.3f} | {r['seconds_per_scan']:.1f} |")
+    return "\n".join(lines)
+
+
+def write_docs(table: str) -> None:
+    path = REPO / "docs" / "benchmarks.md"
+    start, end = "<!-- anomaly:start -->", "<!-- anomaly:end -->"
+    text = path.read_text() if path.exists() else f"# Benchmarks\n\n{start}\n{end}\n"
+    if start not in text:
+        text += f"\n{start}\n{end}\n"
+    before, rest = text.split(start, 1)
+    after = rest.split(end, 1)[1]
+    path.write_text(f"{before}{start}\n{table}\n{end}{after}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=REPO / "benchmarks" / "work" / "data")
+    parser.add_argument("--model", type=Path, default=REPO / "benchmarks" / "work" / "model")
+    parser.add_argument("--preset", default="cpu-small")
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--max-val", type=int, default=None)
+    parser.add_argument("--max-test", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "anomaly.json")
+    parser.add_argument("--write-docs", action="store_true")
+    args = parser.parse_args()
+
+    ensure_data_and_model(args.data, args.model, args.preset)
+    device = torch.device(args.device)
+    model = load_model(args.model, task="anomaly", device=str(device))
+    val = load_split(model.config, args.data, "validation", args.max_val)
+    test = load_split(model.config, args.data, "test", args.max_test)
+    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    for name in args.settings:
+        started = time.perf_counter()
+        result = run_setting(model, name, val, test, device)
+        results[name] = result
+        print(f"{name:16s} AP {result['pooled_ap']:.3f}  Dice@cal {result['dice_at_threshold']:.3f}"
+              f"  scan AUROC {result.get('scan_auroc', float('nan')):.3f}  NFE "
+              f"{result['nfe_per_slice']:4d}  {result['seconds_per_scan']:.1f} s/scan "
+              f"({time.perf_counter() - started:.0f} s)", flush=True)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2, default=float) + "\n")
+    ordered = [results[k] for k in SETTINGS if k in results]
+    header = (f"Machine: {machine()}. Model: `{args.model.name}` "
+              f"({model.info.get('steps')} steps, {model.info.get('parameters')} parameters). "
+              f"{len(val)} healthy validation scans for calibration, {len(test)} test scans "
+              f"({sum(bool(np.any(np.asarray(t['mask']))) for t in test)} with lesions).")
+    table = markdown(ordered, header)
+    print(table)
+    if args.write_docs:
+        write_docs(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Running a model over many input scans: discovery, sharding, resumable and safe outputs.
+
+Shared by every inference command. Inputs are split deterministically with ``--part-id K
+--num-parts N`` (as nnU-Net does); a case whose outputs all exist is skipped unless
+``overwrite``; a case that fails leaves no output behind and does not stop the others. Per-case
+tables (``scores.csv``) are merged under a file lock, so several processes can write into one
+folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import io
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from medidiff.data.io import atomic_write_text, case_name, discover_inputs, safe_output_path
+from medidiff.errors import InputError, MedidiffError
+
+
+@dataclass
+class CaseOutcome:
+    case: str
+    path: Path | None
+    status: str  # "done", "skipped" or "failed"
+    message: str = ""
+    row: dict = field(default_factory=dict)
+
+
+def shard(items: Sequence, part_id: int, num_parts: int) -> list:
+    """The share of ``items`` for part ``part_id`` of ``num_parts`` (round robin)."""
+    if num_parts < 1:
+        raise InputError(None, f"--num-parts must be at least 1, got {num_parts}")
+    if not 0 <= part_id < num_parts:
+        raise InputError(None, f"--part-id must be in [0, {num_parts}), got {part_id}")
+    return list(items)[part_id::num_parts]
+
+
+def collect_inputs(paths: Sequence[str | Path]) -> tuple[list[Path], list[CaseOutcome]]:
+    """Expand the given paths; a path that cannot be used becomes a failed outcome."""
+    found, failed = [], []
+    for given in paths:
+        try:
+            found.extend(discover_inputs([given]))
+        except InputError as err:
+            failed.append(CaseOutcome(Path(given).name, Path(given), "failed", str(err)))
+    unique = sorted(dict.fromkeys(Path(p) for p in found))
+    return unique, failed
+
+
+def run_cases(paths: Sequence[Path], out_dir: Path, outputs: Callable[[str], list[str]],
+              process: Callable[[Path, str], dict], overwrite: bool = False,
+              on_case: Callable[[CaseOutcome], None] | None = None) -> list[CaseOutcome]:
+    """Process each input unless its outputs exist; failures are isolated and cleaned up."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    outcomes, seen = [], set()
+    for path in paths:
+        case = case_name(path)
+        if case in seen:
+            outcome = CaseOutcome(case, path, "failed", f"{path}: another input has the same "
+                                  f"case name '{case}'")
+        else:
+            seen.add(case)
+            targets = [safe_output_path(out_dir, name) for name in outputs(case)]
+            if not overwrite and all(t.exists() for t in targets):
+                outcome = CaseOutcome(case, path, "skipped", "outputs exist (use --overwrite)")
+            else:
+                outcome = _process_one(path, case, targets, process)
+        outcomes.append(outcome)
+        if on_case:
+            on_case(outcome)
+    return outcomes
+
+
+def _process_one(path: Path, case: str, targets: list[Path], process) -> CaseOutcome:
+    try:
+        row = process(path, case)
+    except MedidiffError as err:
+        _remove(targets)
+        return CaseOutcome(case, path, "failed", str(err))
+    except BaseException:
+        _remove(targets)
+        raise
+    return CaseOutcome(case, path, "done", "", row)
+
+
+def _remove(targets: list[Path]) -> None:
+    for target in targets:
+        target.unlink(missing_ok=True)
+
+
+@contextmanager
+def locked(path: Path):
+    """An exclusive advisory lock on ``path``.lock for read-modify-write of shared tables."""
+    lock_path = path.with_name(path.name + ".lock")
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def read_table(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def merge_rows(path: Path, rows: list[dict], key: str = "case") -> list[dict]:
+    """Add or replace rows (by ``key``) in a CSV table, atomically and under a lock."""
+    with locked(path):
+        merged = {row[key]: row for row in read_table(path)}
+        for row in rows:
+            merged[str(row[key])] = {k: str(v) for k, v in row.items()}
+        table = [merged[k] for k in sorted(merged)]
+        columns = list(dict.fromkeys(c for row in table for c in row))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(table)
+        atomic_write_text(path, buffer.getvalue())
+    return table

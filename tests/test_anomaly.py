@@ -1,0 +1,147 @@
+"""Anomaly scoring end to end on the tiny model: geometry, files, calibration, batch behaviour."""
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import yaml
+
+from medidiff.api import AnomalyDetector
+from medidiff.errors import ModelFolderError
+from tests.conftest import run_cli
+
+
+def _test_scans(example_data: Path) -> list[Path]:
+    return sorted((example_data / "test" / "images").glob("*.nii.gz"))
+
+
+def test_calibration_is_stored_for_every_method(tiny_model):
+    cal = yaml.safe_load((tiny_model / "model.yaml").read_text())["calibration"]
+    methods = {e["settings"]["method"] for e in cal["entries"]}
+    assert methods == {"diffusion", "zscore", "threshold"}
+    for entry in cal["entries"]:
+        assert entry["voxel_threshold"] > 0
+        assert np.isfinite(entry["scan_threshold"])
+    assert cal["validation_scans"] == 1 and cal["target_fpr"] == 0.01
+    assert (tiny_model / "baseline_zscore.safetensors").is_file()
+
+
+def test_calibrated_threshold_gives_target_fpr_on_healthy_scan(tiny_model, example_data):
+    detector = AnomalyDetector.load(tiny_model, device="cpu")
+    val = json.loads((example_data / "dataset.json").read_text())["validation"][0]["image"]
+    pipeline, data = detector.preprocess(example_data / val)
+    grid = detector.score_grid(data["image"].as_tensor())
+    threshold = detector.calibration()["voxel_threshold"]
+    fpr = float((grid.anomaly_map[grid.foreground] > threshold).mean())
+    assert fpr <= 0.011  # calibrated on this very scan: at most the 1% target
+
+
+def test_score_cli_writes_maps_in_input_space(tiny_model, example_data, tmp_path):
+    scans = _test_scans(example_data)
+    out = tmp_path / "pred"
+    code, _, err = run_cli("anomaly", "score", "--model", str(tiny_model), "--out", str(out),
+                           *map(str, scans))
+    assert code == 0, err
+    for scan in scans:
+        case = scan.name[:-7]
+        src = nib.load(scan)
+        amap = nib.load(out / f"{case}_anomaly.nii.gz")
+        mask = nib.load(out / f"{case}_anomaly_mask.nii.gz")
+        assert amap.shape == src.shape == mask.shape
+        np.testing.assert_allclose(amap.affine, src.affine, atol=1e-5)
+        assert amap.get_data_dtype() == np.float32 and mask.get_data_dtype() == np.uint8
+        data = np.asarray(amap.dataobj)
+        assert np.isfinite(data).all() and data.min() >= 0 and data.max() > 0
+        assert (out / f"{case}.png").read_bytes()[:4] == b"\x89PNG"
+    rows = list(csv.DictReader((out / "scores.csv").open()))
+    assert [r["case"] for r in rows] == sorted(s.name[:-7] for s in scans)
+    assert {"case", "score", "flagged", "ood"} <= set(rows[0])
+
+
+def test_rerun_skips_finished_cases_unless_overwrite(tiny_model, example_data, tmp_path):
+    scan = _test_scans(example_data)[0]
+    out = tmp_path / "pred"
+    args = ["anomaly", "score", "--model", str(tiny_model), "--out", str(out), str(scan)]
+    assert run_cli(*args)[0] == 0
+    stamp = (out / f"{scan.name[:-7]}_anomaly.nii.gz").stat().st_mtime_ns
+    code, _, err = run_cli(*args)
+    assert code == 0 and "1 skipped" in err
+    assert (out / f"{scan.name[:-7]}_anomaly.nii.gz").stat().st_mtime_ns == stamp
+    code, _, err = run_cli(*args, "--overwrite")
+    assert code == 0 and "1 scored" in err
+
+
+def test_unreadable_scan_is_skipped_others_scored(tiny_model, example_data, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    good = _test_scans(example_data)[0]
+    shutil.copy(good, inputs / good.name)
+    (inputs / "broken.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
+    out = tmp_path / "pred"
+    code, _, err = run_cli("anomaly", "score", "--model", str(tiny_model), "--out", str(out),
+                           str(inputs))
+    assert code == 2
+    assert "broken.nii.gz" in err and "Traceback" not in err
+    assert (out / f"{good.name[:-7]}_anomaly.nii.gz").is_file()
+    assert not list(out.glob("broken*"))
+
+
+def test_baseline_methods_score(tiny_model, example_data, tmp_path):
+    scan = _test_scans(example_data)[0]
+    for method in ("zscore", "threshold"):
+        detector = AnomalyDetector.load(tiny_model, device="cpu", method=method)
+        result = detector.score_file(scan)
+        assert result.anomaly_map.shape == nib.load(scan).shape
+        assert result.anomaly_map.max() > 0
+
+
+def test_score_array_matches_score_file(tiny_model, example_data):
+    scan = _test_scans(example_data)[0]
+    detector = AnomalyDetector.load(tiny_model, device="cpu")
+    image = nib.load(scan)
+    from_file = detector.score_file(scan)
+    from_array = detector.score_array(np.asarray(image.dataobj), image.affine)
+    np.testing.assert_allclose(from_file.anomaly_map, from_array.anomaly_map, atol=1e-5)
+    assert from_file.score == pytest.approx(from_array.score, rel=1e-5)
+
+
+def test_evaluate_reports_pooled_metrics(tiny_model, example_data, tmp_path):
+    out = tmp_path / "pred"
+    assert run_cli("anomaly", "score", "--model", str(tiny_model), "--out", str(out),
+                   *map(str, _test_scans(example_data)))[0] == 0
+    metrics_json = tmp_path / "metrics.json"
+    code, stdout, err = run_cli("anomaly", "evaluate", "--pred", str(out), "--labels",
+                                str(example_data / "test" / "masks"), "--out", str(metrics_json))
+    assert code == 0, err
+    result = json.loads(metrics_json.read_text())
+    assert 0 <= result["pooled_ap"] <= 1 and 0 <= result["pooled_auroc"] <= 1
+    assert 0 <= result["best_dice_oracle"] <= 1
+    assert result["n_cases"] == 2 and result["n_anomalous_cases"] == 1
+    assert "pooled_ap" in stdout
+
+
+def test_model_of_another_task_is_refused(tiny_model, tmp_path):
+    other = tmp_path / "denoiser"
+    shutil.copytree(tiny_model, other)
+    meta = yaml.safe_load((other / "model.yaml").read_text())
+    meta["config"]["task"] = "denoise"
+    (other / "model.yaml").write_text(yaml.safe_dump(meta))
+    with pytest.raises(ModelFolderError, match="holds a 'denoise' model"):
+        AnomalyDetector.load(other)
+
+
+def test_sharded_scoring_writes_the_same_files(tiny_model, example_data, tmp_path):
+    scans = list(map(str, _test_scans(example_data)))
+    base = ["anomaly", "score", "--model", str(tiny_model), "--no-tracking"]
+    assert run_cli(*base, "--out", str(tmp_path / "one"), *scans)[0] == 0
+    for part in (0, 1):
+        assert run_cli(*base, "--out", str(tmp_path / "two"), "--part-id", str(part),
+                       "--num-parts", "2", *scans)[0] == 0
+    names = sorted(p.name for p in (tmp_path / "one").iterdir() if not p.name.endswith(".lock"))
+    assert names == sorted(p.name for p in (tmp_path / "two").iterdir()
+                           if not p.name.endswith(".lock"))
+    assert (tmp_path / "one" / "scores.csv").read_text() == (tmp_path / "two" / "scores.csv").read_text()

@@ -1,0 +1,82 @@
+"""The shared training loop: model folder, MLflow run, exact resume, 3D."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from medidiff.config import load_config
+from medidiff.errors import InputError
+from medidiff.models.checkpoint import load_weights
+from medidiff.train import Trainer, run_training
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "anomaly" / "cpu-tiny.yaml"
+TINY3D = REPO / "configs" / "anomaly" / "cpu-tiny-3d.yaml"
+
+
+def test_training_writes_a_complete_model_folder(tiny_model):
+    meta = yaml.safe_load((tiny_model / "model.yaml").read_text())
+    assert meta["task"] == "anomaly"
+    assert meta["info"]["steps"] == 30
+    assert len(meta["info"]["data_fingerprint"]) == 16
+    assert meta["config"]["data"]["spacing"] == [4.0, 4.0, 4.0]
+    state = load_weights(tiny_model / meta["weights"]["file"], meta["weights"]["sha256"])
+    assert any(k.endswith("weight") for k in state)
+    assert (tiny_model / "model_card.md").read_text().startswith("# medidiff model: anomaly")
+    assert (tiny_model / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tiny_model / "config.yaml").is_file()
+
+
+def test_training_run_is_tracked(tiny_model, isolated_mlflow):
+    from medidiff.tracking import search_runs
+
+    runs = [r for r in search_runs("medidiff", uri=isolated_mlflow)
+            if r["name"].startswith("train-anomaly-cpu-tiny")]
+    assert runs, "no training run in MLflow"
+    run = runs[0]
+    assert run["params"]["train.steps"] == "30"
+    assert "loss" in run["metrics"]
+
+
+def _weights(folder: Path) -> dict:
+    meta = yaml.safe_load((folder / "model.yaml").read_text())
+    return load_weights(folder / meta["weights"]["file"])
+
+
+def test_resume_continues_exactly(tmp_path, example_data):
+    cfg = load_config(TINY, ["train.steps=12", "train.checkpoint_every=6",
+                             "train.sample_every=1000"])
+    straight = tmp_path / "straight"
+    run_training(cfg, example_data, straight)
+    # an interrupted run: killed right after its checkpoint at step 6, then resumed to 12
+    half = tmp_path / "half"
+    trainer = Trainer(cfg, example_data, half)
+
+    def kill(step: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run(on_checkpoint=kill)
+    assert not (half / "model.yaml").exists()
+    result = run_training(cfg, example_data, half, resume=True)
+    assert result.steps == 12
+    a, b = _weights(straight), _weights(half)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_existing_model_is_not_overwritten(tmp_path, tiny_model, example_data):
+    with pytest.raises(InputError, match="already holds a model"):
+        run_training(load_config(TINY), example_data, tiny_model)
+
+
+def test_3d_tiny_trains(tmp_path, example_data):
+    out = tmp_path / "tiny3d"
+    result = run_training(load_config(TINY3D), example_data, out)
+    assert result.steps == 10 and np.isfinite(result.final_loss)
+    meta = yaml.safe_load((out / "model.yaml").read_text())
+    assert meta["config"]["data"]["spatial_dims"] == 3
