@@ -21,8 +21,13 @@ from scipy.stats import norm
 
 from medidiff import baselines, metrics
 from medidiff.data.datasets import cached_volumes, read_split
-from medidiff.data.io import check_voxels, reader_for, save_nifti, validate_input
-from medidiff.data.transforms import foreground_mask, invert_to_input, volume_transforms
+from medidiff.data.io import check_voxels, reader_for, save_nifti, spatial_ndim, validate_input
+from medidiff.data.transforms import (
+    foreground_mask,
+    image_transforms,
+    invert_to_input,
+    volume_transforms,
+)
 from medidiff.diffusion.schedule import NoiseSchedule
 from medidiff.errors import InputError, ModelFolderError
 from medidiff.models.folder import LoadedModel, load_model, update_calibration
@@ -101,7 +106,15 @@ class AnomalyDetector:
 
     # -- scoring ------------------------------------------------------------------------------
     def score_grid(self, volume: torch.Tensor, progress=None) -> GridResult:
-        """Score a preprocessed (C, H, W, D) volume on the model grid."""
+        """Score a preprocessed (C, H, W, D) volume, or a (C, H, W) image, on the model grid."""
+        if volume.ndim == 3:  # a 2D image: one slice along the model's slice axis
+            result = self.score_grid(volume.unsqueeze(self.cfg.data.slice_axis + 1), progress)
+            axis = self.cfg.data.slice_axis
+            for name in ("image", "recon", "anomaly_map", "foreground"):
+                value = getattr(result, name)
+                if value is not None:
+                    setattr(result, name, np.take(value, 0, axis=axis))
+            return result
         image = np.asarray(volume[0], dtype=np.float32)
         fg = foreground_mask(image, self.cfg.data.foreground_threshold)
         recon = None
@@ -131,7 +144,11 @@ class AnomalyDetector:
 
     def preprocess(self, path: Path):
         validate_input(path)
-        pipeline = volume_transforms(self.cfg.data, reader=reader_for(path))
+        ndim = spatial_ndim(path)
+        if ndim == 2 and self.cfg.data.spatial_dims != 2:
+            raise InputError(path, "is a 2D image; this model works on 3D volumes")
+        build = image_transforms if ndim == 2 else volume_transforms
+        pipeline = build(self.cfg.data, reader=reader_for(path))
         try:
             data = pipeline({"image": str(path)})
         except InputError:
@@ -139,8 +156,9 @@ class AnomalyDetector:
         except Exception as err:  # MONAI wraps reader errors in RuntimeError
             raise InputError(path, f"could not be read ({type(err).__name__})") from None
         volume = data["image"]
-        if volume.ndim != 4:
-            raise InputError(path, f"has {volume.ndim - 1} spatial dimensions after loading; expected 3")
+        if volume.ndim != ndim + 1:
+            raise InputError(path, f"has {volume.ndim - 1} spatial dimensions after loading; "
+                                   f"expected {ndim}")
         check_voxels(path, volume)
         return pipeline, data
 
@@ -185,7 +203,8 @@ class AnomalyDetector:
                 low, high = ranges[name]
                 if not low <= value <= high:
                     reasons.append(f"{name} {value:.3g} outside [{low:.3g}, {high:.3g}]")
-        spacing = np.sqrt((np.asarray(volume.meta.get("original_affine"))[:3, :3] ** 2).sum(0))
+        affine = np.asarray(volume.meta.get("original_affine", np.eye(4)), dtype=float)
+        spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
         want = self.cfg.data.spacing
         if want is not None and np.any(spacing > 2.5 * np.asarray(want)):
             reasons.append(f"voxel spacing {np.round(spacing, 2).tolist()} mm is much coarser "

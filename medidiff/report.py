@@ -138,14 +138,21 @@ def anomaly_figure(grid, threshold: float | None = None, axis: int = 2, count: i
     amap = grid.anomaly_map
     fg_values = amap[grid.foreground] if grid.foreground.any() else amap.ravel()
     vmax = float(max(np.percentile(fg_values, 99.9), (threshold or 0) * 1.5, 1e-6))
+    if amap.ndim == 2:  # a 2D image: one row
+        arrays = [a[..., None] if a is not None else None
+                  for a in (grid.image, grid.recon, amap)]
+        axis, count = 2, 1
+    else:
+        arrays = [grid.image, grid.recon, amap]
+    image_v, recon_v, amap = arrays
     rows = []
     for index in top_slices(amap, axis, count):
-        image = np.take(grid.image, index, axis=axis)
+        image = np.take(image_v, index, axis=axis)
         heat = np.take(amap, index, axis=axis)
         mask = heat >= threshold if threshold is not None else None
         row = [display(image)]
-        if grid.recon is not None:
-            row.append(display(np.take(grid.recon, index, axis=axis)))
+        if recon_v is not None:
+            row.append(display(np.take(recon_v, index, axis=axis)))
         row.append(display(overlay(image, heat, vmax, mask)))
         rows.append(row)
     return montage(rows)

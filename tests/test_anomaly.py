@@ -145,3 +145,19 @@ def test_sharded_scoring_writes_the_same_files(tiny_model, example_data, tmp_pat
     assert names == sorted(p.name for p in (tmp_path / "two").iterdir()
                            if not p.name.endswith(".lock"))
     assert (tmp_path / "one" / "scores.csv").read_text() == (tmp_path / "two" / "scores.csv").read_text()
+
+
+def test_png_slice_is_scored_by_a_2d_model(tiny_model, example_data, tmp_path):
+    from PIL import Image
+
+    volume = np.asarray(nib.load(_test_scans(example_data)[0]).dataobj, dtype=np.float32)
+    middle = volume[:, :, volume.shape[2] // 2]
+    png = tmp_path / "slice.png"
+    Image.fromarray((middle / middle.max() * 255).astype(np.uint8)).save(png)
+    out = tmp_path / "pred"
+    code, _, err = run_cli("anomaly", "score", "--model", str(tiny_model), "--out", str(out),
+                           "--no-tracking", str(png))
+    assert code == 0, err
+    amap = nib.load(out / "slice_anomaly.nii.gz")
+    assert amap.shape == Image.open(png).size  # MONAI's PIL reader puts width first
+    assert (out / "slice.png").is_file()

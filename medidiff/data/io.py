@@ -191,6 +191,21 @@ def validate_input(path: str | Path) -> None:
         {"nifti": _validate_nifti, "png": _validate_png, "dicom": _validate_dicom}[kind](path)
 
 
+def spatial_ndim(path: str | Path) -> int:
+    """2 for a 2D image (PNG, 2D NIfTI, one-slice DICOM series), 3 for a volume (from headers)."""
+    path = Path(path)
+    kind = _kind(path)
+    if kind == "png":
+        return 2
+    if kind == "dicom":
+        return 2 if len(_dicom_candidates(path)) == 1 else 3
+    with _quiet():
+        shape = [int(d) for d in nib.load(str(path)).header.get_data_shape()]
+    while len(shape) > 2 and shape[-1] == 1:
+        shape.pop()
+    return min(len(shape), 3)
+
+
 def _check_shape(
     path: Path, shape: Sequence[int], limit: int = MAX_VOXELS, unit: str = "voxels"
 ) -> tuple[int, ...]:

@@ -19,6 +19,7 @@ from monai.transforms import (
     Invertd,
     LoadImaged,
     Orientationd,
+    Resized,
     ResizeWithPadOrCropd,
     ScaleIntensityRangePercentilesd,
     Spacingd,
@@ -67,6 +68,21 @@ def volume_transforms(
     return Compose(chain)
 
 
+def image_transforms(cfg: DataConfig, image_key: str = "image", reader=None) -> Compose:
+    """Chain for a 2D image (PNG, 2D NIfTI) and a 2D model: no physical spacing to honour, so
+    the image is scaled to [0, 1] and resized to the model's in-plane grid (invertibly)."""
+    low, high = cfg.intensity_percentiles
+    return Compose([
+        LoadImaged(keys=image_key, reader=reader, image_only=True),
+        EnsureChannelFirstd(keys=image_key),
+        EnsureTyped(keys=image_key, dtype=torch.float32),
+        ScaleIntensityRangePercentilesd(
+            keys=image_key, lower=low, upper=high, b_min=0.0, b_max=1.0, clip=True
+        ),
+        Resized(keys=image_key, spatial_size=list(cfg.size), mode="bilinear"),
+    ])
+
+
 def invert_to_input(pipeline: Compose, data: dict, key: str, image_key: str = "image",
                     nearest: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Map ``data[key]`` (a tensor on the model grid) back to the input scan's voxel grid.
@@ -82,7 +98,10 @@ def invert_to_input(pipeline: Compose, data: dict, key: str, image_key: str = "i
         to_tensor=True,
     )
     out = inverter(data)[key]
-    affine = np.asarray(data[image_key].meta["original_affine"], dtype=np.float64)
+    meta = data[image_key].meta
+    # readers without a physical affine (PNG) record none; the inverted tensor then has its own
+    affine = meta.get("original_affine", getattr(out, "affine", np.eye(4)))
+    affine = np.asarray(affine, dtype=np.float64)
     return np.asarray(out.detach().cpu().numpy()[0], dtype=np.float32), affine
 
 
