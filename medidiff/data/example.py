@@ -11,11 +11,9 @@ is the one in ``docs/design-notes.md``.
 
 from __future__ import annotations
 
-import gzip
 import importlib.util
 import json
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ import torch.nn.functional as F
 from scipy import ndimage as ndi
 
 from medidiff.data import degrade
+from medidiff.data.io import atomic_write_text, save_nifti
 from medidiff.data.lesions import add_lesion
 from medidiff.errors import InputError
 
@@ -257,30 +256,9 @@ def split_roles(subjects: int, seed: int) -> list[str]:
     return ["train"] * n_train + ["val"] * n_val + tests
 
 
-def _write_bytes(path: Path, payload: bytes) -> None:
-    """Write atomically: a temporary file in the same folder, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
-    """Save a ``.nii.gz`` with qform = sform = ``affine`` (code 1), byte-identical across runs.
-
-    nibabel's own gzip writer stamps the current time into the gzip header; compressing the
-    NIfTI bytes ourselves with ``mtime=0`` keeps the same seed giving the same files.
-    """
-    image = nib.Nifti1Image(array, affine)
-    image.header.set_qform(affine, code=1)
-    image.header.set_sform(affine, code=1)
-    image.header.set_xyzt_units("mm")
-    image.header["descrip"] = b""
-    _write_bytes(path, gzip.compress(image.to_bytes(), compresslevel=1, mtime=0))
+    """Save a ``.nii.gz`` atomically and byte-identically across runs (fast compression)."""
+    save_nifti(array, affine, path, compresslevel=1)
 
 
 def _coarse_affine(affine: np.ndarray, factor: int) -> np.ndarray:
@@ -399,5 +377,5 @@ def _write_dataset_json(out_dir: Path, lists: dict, seed: int, spacing_mm: float
         **lists,
     }
     path = out_dir / "dataset.json"
-    _write_bytes(path, (json.dumps(index, indent=2) + "\n").encode())
+    atomic_write_text(path, json.dumps(index, indent=2) + "\n")
     return path

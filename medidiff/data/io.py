@@ -596,7 +596,7 @@ def _nifti_data(array) -> np.ndarray:
     raise ValueError(f"save_nifti cannot write data of type {data.dtype}")
 
 
-def save_nifti(array, affine, path: str | Path) -> Path:
+def save_nifti(array, affine, path: str | Path, compresslevel: int = 6) -> Path:
     """Write `array` (2D/3D, or one-channel channel-first 4D) with `affine` to `path` atomically.
 
     qform and sform (code 1, scanner) come from the affine; `descrip` is empty, so nothing of an
@@ -614,5 +614,5 @@ def save_nifti(array, affine, path: str | Path) -> Path:
     img.header.set_xyzt_units("mm", "sec")
     raw = img.to_bytes()
     if Path(path).name.lower().endswith(".gz"):
-        raw = gzip.compress(raw, compresslevel=6, mtime=0)
+        raw = gzip.compress(raw, compresslevel=compresslevel, mtime=0)
     return atomic_write_bytes(path, raw)

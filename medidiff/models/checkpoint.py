@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import os
+import io
 import pickle
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import safetensors.torch
 import torch
 
+from medidiff.data.io import atomic_write_bytes
 from medidiff.errors import ModelFolderError
 
 _SCALARS = (str, bytes, int, float, complex, bool, type(None), torch.dtype, torch.device)
@@ -34,35 +35,6 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open a directory; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp)``, fsync ``tmp`` and rename it to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-    return path
 
 
 def _plain_tensors(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -83,9 +55,9 @@ def save_weights(
     state_dict: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
 ) -> str:
     """Write ``state_dict`` as safetensors atomically; return the file's sha256 (hex)."""
-    tensors = _plain_tensors(state_dict)
-    _atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, str(tmp), metadata))
-    return sha256_file(path)
+    data = safetensors.torch.save(_plain_tensors(state_dict), metadata)
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def load_weights(path: str | Path, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
@@ -124,7 +96,9 @@ def _check_plain(value: Any, where: str) -> None:
 def save_checkpoint(path: str | Path, payload: dict) -> Path:
     """Write a training checkpoint (state dicts, step, RNG states as uint8 tensors) atomically."""
     _check_plain(payload, "")
-    return _atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def load_checkpoint(path: str | Path) -> dict:
