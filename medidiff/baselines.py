@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from monai.transforms import ResizeWithPadOrCrop
 from skimage import exposure
 
 from medidiff.data.io import atomic_write_bytes
@@ -28,9 +29,20 @@ def fit_zscore(volumes: list[np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def zscore_map(volume: np.ndarray, stats: dict[str, np.ndarray], floor: float = 0.02) -> np.ndarray:
-    """|x - mean| / max(std, floor): the std floor keeps empty background voxels from exploding."""
-    std = np.maximum(stats["std"], floor)
-    return (np.abs(volume - stats["mean"]) / std).astype(np.float32)
+    """|x - mean| / max(std, floor): the std floor keeps empty background voxels from exploding.
+
+    A scan whose grid differs from the training grid along the free slice axis gets the
+    statistics centre-cropped or padded to its shape, as the preprocessing pads and crops.
+    """
+    mean, std = (_fit_shape(stats[k], volume.shape) for k in ("mean", "std"))
+    return (np.abs(volume - mean) / np.maximum(std, floor)).astype(np.float32)
+
+
+def _fit_shape(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    if array.shape == tuple(shape):
+        return array
+    resize = ResizeWithPadOrCrop(spatial_size=shape)
+    return np.asarray(resize(torch.from_numpy(np.ascontiguousarray(array))[None]))[0]
 
 
 def threshold_map(volume: np.ndarray, foreground: np.ndarray) -> np.ndarray:
