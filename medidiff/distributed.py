@@ -41,6 +41,15 @@ def env_info() -> DistInfo:
                     local_rank=int(os.environ.get("LOCAL_RANK", "0")), world_size=world)
 
 
+def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True on every rank when ``flag`` is true on any; a collective, so every rank calls it."""
+    if not (torch_dist.is_available() and torch_dist.is_initialized()):
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 @contextmanager
 def distributed_context(device: str = "auto") -> Iterator[DistInfo]:
     """Initialise the process group under torchrun (and tear it down afterwards)."""

@@ -19,6 +19,7 @@ import logging
 import os
 import platform
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -45,6 +46,10 @@ PARAM_VALUE_LIMIT = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 KEY_LIMIT = 250
 PARAMS_PER_BATCH = 100  # MLflow's log_batch limits
 METRICS_PER_BATCH = 1000
+# the schemes MLflow's tracking stores take (a database URI may name its driver: mysql+pymysql)
+TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks",
+                    "databricks-uc", "uc")
+_DATABASE_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
 _REFUSALS = ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE")
 _KEY_FORBIDDEN = re.compile(r"[^\w.\- :/]")
 _IMAGE_KEY_FORBIDDEN = re.compile(r"[^A-Za-z0-9_\-./ ]")
@@ -70,6 +75,12 @@ def tracking_uri(explicit: str | None = None) -> str:
             "use; give a database such as sqlite:///ABS/PATH/mlflow.db or a server "
             "http://HOST:PORT (`mlflow migrate-filestore` converts an existing mlruns folder)"
         )
+    if scheme.split("+", 1)[0] not in TRACKING_SCHEMES:  # a typo such as htp://
+        raise TrackingError(
+            f"tracking URI {redact(uri)!r} has an unknown scheme {scheme!r}; give a server "
+            "http://HOST:PORT, a database such as sqlite:///ABS/PATH/mlflow.db or "
+            "postgresql://USER@HOST/DB, or pass --no-tracking"
+        )
     return uri
 
 
@@ -90,6 +101,8 @@ def check_reachable(uri: str, timeout: float = 5) -> None:
         _check_http(uri, timeout)
     elif scheme == "sqlite":
         _check_sqlite(uri)
+    elif scheme.split("+", 1)[0] in _DATABASE_PORTS:
+        _check_database(uri, timeout)
 
 
 def _check_http(uri: str, timeout: float) -> None:
@@ -117,6 +130,21 @@ def _check_http(uri: str, timeout: float) -> None:
     except (URLError, OSError, ValueError) as exc:
         raise TrackingError(
             f"cannot reach the MLflow tracking server at {redact(uri)}: {_reason(exc)}; "
+            "start it or pass --no-tracking"
+        ) from None
+
+
+def _check_database(uri: str, timeout: float) -> None:
+    """A database server must at least accept a connection (the driver checks the rest)."""
+    parts = urlsplit(uri)
+    if not parts.hostname:
+        return  # a local socket
+    try:
+        port = parts.port or _DATABASE_PORTS[parts.scheme.split("+", 1)[0]]
+        socket.create_connection((parts.hostname, port), timeout=timeout).close()
+    except (OSError, ValueError) as exc:
+        raise TrackingError(
+            f"cannot reach the MLflow tracking database at {redact(uri)}: {_reason(exc)}; "
             "start it or pass --no-tracking"
         ) from None
 

@@ -20,6 +20,7 @@ import torch
 from medidiff.config import Config
 from medidiff.data.datasets import fingerprint, read_split, training_dataset
 from medidiff.diffusion.schedule import NoiseSchedule
+from medidiff.distributed import any_rank
 from medidiff.errors import InputError
 from medidiff.models.checkpoint import load_checkpoint, save_checkpoint
 from medidiff.models.ema import EMA
@@ -103,8 +104,10 @@ class Trainer:
             raise InputError(data_dir, "has no training scans")
         self.fingerprint = fingerprint(self.entries)
         self.schedule = NoiseSchedule(**cfg.diffusion.model_dump())
-        torch.manual_seed(cfg.train.seed + rank)
+        torch.manual_seed(cfg.train.seed)  # the same initial weights, hence EMA, on every rank
         self.net = build_network(cfg).to(self.device)
+        if rank:
+            torch.manual_seed(cfg.train.seed + rank)
         self.ema = EMA(self.net, decay=cfg.train.ema_decay)
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.train.lr,
                                      weight_decay=cfg.train.weight_decay)
@@ -153,7 +156,19 @@ class Trainer:
         self.step = int(state["step"])
         self.losses = [float(x) for x in state["losses"]]
         self.run_id = state.get("run_id") or None
+        self.restart_stream()
         return True
+
+    def restart_stream(self) -> None:
+        """Under DDP, restart this rank's batch stream from (seed, rank, step) at a checkpoint.
+
+        Only rank 0's generator state is in the checkpoint, so a resumed rank cannot continue
+        its own stream; restarting every rank at each checkpoint keeps the ranks' batches apart
+        and makes a resumed run draw what the uninterrupted one did.
+        """
+        if self.world_size > 1:
+            seed = np.random.SeedSequence([self.cfg.train.seed, self.rank, self.step])
+            self.generator.manual_seed(int(seed.generate_state(1)[0]))
 
     def unwrapped(self) -> torch.nn.Module:
         return getattr(self.net, "module", self.net)
@@ -207,7 +222,9 @@ class Trainer:
         cfg, started = self.cfg.train, time.monotonic()
         seen, window = 0, []
         while self.step < cfg.steps:
-            if cfg.max_minutes and time.monotonic() - started > cfg.max_minutes * 60:
+            # every rank must stop at the same step, or the others wait in DDP's all-reduce
+            if cfg.max_minutes and any_rank(time.monotonic() - started > cfg.max_minutes * 60,
+                                            self.device):
                 break
             loss = self.train_step(draw_batch(self.dataset, cfg.batch_size, self.generator))
             window.append(loss)
@@ -217,6 +234,7 @@ class Trainer:
                 window = []
             if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                 self.save()
+                self.restart_stream()
                 if on_checkpoint:
                     on_checkpoint(self.step)
             if self.step % cfg.sample_every == 0 and self.rank == 0:

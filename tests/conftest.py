@@ -1,9 +1,17 @@
-"""Shared fixtures: a small example data set, a tiny trained anomaly model, an isolated MLflow store."""
+"""Shared fixtures: a small example data set, a tiny trained anomaly model, an isolated MLflow
+store, and a real `mlflow server` on loopback."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
+from urllib.request import urlopen
 
 import pytest
 
@@ -63,3 +71,56 @@ def run_cli(*args: str) -> tuple[int, str, str]:
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
     return code, out.getvalue(), err.getvalue()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """`mlflow server` on loopback with a SQLite backend and proxied artifacts."""
+    port = free_port()
+    artifacts = tmp_path / "artifacts"
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
+               "--port", str(port), "--workers", "1",
+               "--backend-store-uri", f"sqlite:///{tmp_path / 'db.sqlite'}",
+               "--artifacts-destination", str(artifacts)]
+    # The job runner starts a dozen huey workers this test does not need.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    with open(tmp_path / "server.log", "wb") as log_file:
+        server = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
+                                  cwd=tmp_path, env=env, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_for_health(url, server, tmp_path / "server.log")
+        yield url, artifacts, server
+    finally:
+        stop_server(server)
+
+
+def _wait_for_health(url: str, server: subprocess.Popen, log_path: Path, limit: float = 90):
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"mlflow server exited:\n{log_path.read_text()[-2000:]}")
+        try:
+            with urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    pytest.fail(f"mlflow server not healthy after {limit} s:\n{log_path.read_text()[-2000:]}")
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    """Stop the server and the uvicorn worker it started (their own process group)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        server.wait(timeout=10)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGKILL)  # whatever outlived the polite request
+    server.wait(timeout=5)

@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -30,12 +24,7 @@ from medidiff.tracking import (
     image_uint8,
     tracking_uri,
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.conftest import free_port, stop_server
 
 
 @pytest.fixture(autouse=True)
@@ -338,53 +327,6 @@ def test_lost_server_at_run_end_does_not_raise(tracker, client, monkeypatch, cap
 # -- a real MLflow server -------------------------------------------------------------------
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """`mlflow server` on loopback with a SQLite backend and proxied artifacts."""
-    port = free_port()
-    artifacts = tmp_path / "artifacts"
-    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1",
-               "--port", str(port), "--workers", "1",
-               "--backend-store-uri", f"sqlite:///{tmp_path / 'db.sqlite'}",
-               "--artifacts-destination", str(artifacts)]
-    # The job runner starts a dozen huey workers this test does not need.
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    with open(tmp_path / "server.log", "wb") as log_file:
-        server = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
-                                  cwd=tmp_path, env=env, start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        _wait_for_health(url, server, tmp_path / "server.log")
-        yield url, artifacts, server
-    finally:
-        _stop(server)
-
-
-def _wait_for_health(url: str, server: subprocess.Popen, log_path: Path, limit: float = 90):
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"mlflow server exited:\n{log_path.read_text()[-2000:]}")
-        try:
-            with urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.3)
-    pytest.fail(f"mlflow server not healthy after {limit} s:\n{log_path.read_text()[-2000:]}")
-
-
-def _stop(server: subprocess.Popen) -> None:
-    """Stop the server and the uvicorn worker it started (their own process group)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(server.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        server.wait(timeout=10)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(server.pid, signal.SIGKILL)  # whatever outlived the polite request
-    server.wait(timeout=5)
-
-
 def _get(url: str) -> dict:
     with urlopen(url, timeout=10) as response:
         return json.load(response)
@@ -412,7 +354,7 @@ def test_real_server_round_trip_then_outage(mlflow_server, model_dir):
     tracker = Tracker(experiment="server-test", uri=url, retry_interval=0)
     with tracker.run("outage"):
         tracker.log_metrics({"loss": 1.0}, step=0)
-        _stop(server)
+        stop_server(server)
         started = time.monotonic()
         for step in range(1, 4):
             tracker.log_metrics({"loss": 1.0 / step}, step=step)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from medidiff.errors import InputError
 from medidiff.tracking import Tracker, check_reachable, tracking_uri
 
 
@@ -30,11 +31,27 @@ def sharding_options(func: Callable) -> Callable:
                         help="cpu, cuda, cuda:N or auto.")(func)
     func = click.option("--overwrite", is_flag=True,
                         help="Recompute cases whose outputs already exist.")(func)
-    func = click.option("--num-parts", type=click.IntRange(min=1), default=1, show_default=True,
+    func = click.option("--num-parts", type=int, default=1, show_default=True, metavar="N",
+                        callback=_check_part,
                         help="Split the inputs into this many parts (one per process or node).")(func)
-    func = click.option("--part-id", type=click.IntRange(min=0), default=0, show_default=True,
-                        help="Which part of the inputs this process handles (0-based).")(func)
+    func = click.option("--part-id", type=int, default=0, show_default=True, metavar="K",
+                        callback=_check_part,
+                        help="Which part of the inputs this process handles, in [0, N).")(func)
     return func
+
+
+def _check_part(ctx: click.Context, param: click.Parameter, value: int) -> int:
+    """Refuse --part-id outside [0, --num-parts) in one line (exit 2), before a model loads.
+
+    The same rule as `medidiff.inference.shard`, checked here without importing MONAI.
+    """
+    given = {**ctx.params, param.name: value}
+    part, parts = given.get("part_id"), given.get("num_parts")
+    if param.name == "num_parts" and value < 1:
+        raise InputError(None, f"--num-parts must be at least 1, got {value}")
+    if part is not None and parts is not None and not 0 <= part < parts:
+        raise InputError(None, f"--part-id must be in [0, {parts}), got {part}")
+    return value
 
 
 def make_tracker(experiment: str, uri: str | None, disabled: bool, rank: int = 0) -> Tracker:
