@@ -28,7 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from medidiff import metrics  # noqa: E402
-from medidiff.api import AnomalyDetector  # noqa: E402
+from medidiff.api import AnomalyDetector, fit_zscore_baseline  # noqa: E402
+from medidiff.baselines import ZSCORE_FILE  # noqa: E402
 from medidiff.data.datasets import cached_volumes, read_split  # noqa: E402
 from medidiff.models.folder import load_model  # noqa: E402
 from medidiff.tasks.anomaly import ScoreSettings  # noqa: E402
@@ -174,6 +175,8 @@ def main() -> None:
     ensure_data_and_model(args.data, args.model, args.preset)
     device = torch.device(args.device)
     model = load_model(args.model, task="anomaly", device=str(device))
+    if not (args.model / ZSCORE_FILE).is_file():
+        fit_zscore_baseline(model, args.data)
     val = load_split(model.config, args.data, "validation", args.max_val, args.slab)
     test = load_split(model.config, args.data, "test", args.max_test, args.slab)
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}

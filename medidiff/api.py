@@ -229,10 +229,7 @@ def calibrate(model_dir: str | Path, data_dir: str | Path, device: str = "auto",
     val = read_split(data_dir, "validation")
     if not val:
         raise InputError(data_dir, "has no 'validation' scans (healthy scans to calibrate on)")
-    train = read_split(data_dir, "training")
-    train_volumes = cached_volumes(cfg.data, [{"image": e["image"]} for e in train])
-    stats = baselines.fit_zscore([np.asarray(v["image"][0]) for v in train_volumes])
-    baselines.save_zscore(stats, folder)
+    stats = fit_zscore_baseline(model, data_dir)
     val_volumes = cached_volumes(cfg.data, [{"image": e["image"]} for e in val])
     entries, ood = [], {}
     for method in methods:
@@ -252,6 +249,15 @@ def calibrate(model_dir: str | Path, data_dir: str | Path, device: str = "auto",
                    "validation_scans": len(val), "entries": entries, "ood": ood}
     update_calibration(folder, calibration)
     return calibration
+
+
+def fit_zscore_baseline(model: LoadedModel, data_dir: str | Path) -> dict[str, np.ndarray]:
+    """Voxel-wise mean and std of the preprocessed training scans, saved in the model folder."""
+    train = read_split(data_dir, "training")
+    volumes = cached_volumes(model.config.data, [{"image": e["image"]} for e in train])
+    stats = baselines.fit_zscore([np.asarray(v["image"][0]) for v in volumes])
+    baselines.save_zscore(stats, model.folder)
+    return stats
 
 
 def _calibration_entry(settings: ScoreSettings, grids: list[GridResult], acfg) -> dict:

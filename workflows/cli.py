@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.ClickException as exc:
-        exc.show()
+        hint = " (see --help)" if isinstance(exc, click.UsageError) else ""
+        click.echo(f"medidiff: error: {_one_line(exc.format_message())}{hint}", err=True)
         return 2
     except click.exceptions.Abort:
         click.echo("medidiff: interrupted", err=True)

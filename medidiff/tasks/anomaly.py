@@ -84,27 +84,27 @@ def reconstruct_residual(net, images: torch.Tensor, schedule: NoiseSchedule,
                          device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean |x - x_hat| over draws and noise levels, and the mean reconstruction ([0, 1] units).
 
-    ``images`` is a batch (B, C, *spatial) in [0, 1]; draws are folded into the batch.
+    ``images`` is a batch (B, C, *spatial) in [0, 1]; the ``draws`` reconstructions per level
+    are folded into the batch.
     """
     sampler = get_sampler(settings.sampler)
     options = {"eta": settings.eta} if settings.sampler == "ddim" else {}
-    x = (images.to(device) * 2.0 - 1.0).repeat_interleave(settings.draws, dim=0)
+    x = images.to(device) * 2.0 - 1.0
+    repeated = x.repeat_interleave(settings.draws, dim=0)
     model = model_fn(net)
     residual = torch.zeros_like(x)
     recon = torch.zeros_like(x)
     for level in settings.noise_levels:
-        noise = torch.randn(x.shape, generator=generator).to(device)
-        t = torch.full((x.shape[0],), level, dtype=torch.long, device=device)
-        x_t = schedule.add_noise(x, noise, t)
+        noise = torch.randn(repeated.shape, generator=generator).to(device)
+        t = torch.full((repeated.shape[0],), level, dtype=torch.long, device=device)
+        x_t = schedule.add_noise(repeated, noise, t)
         steps = timestep_schedule(level, min(settings.steps, level), schedule.num_train_timesteps)
         x_hat = sampler(model, x_t, steps, schedule, generator=generator, clip=True, **options)
-        residual += (x - x_hat).abs() / 2.0
-        recon += (x_hat + 1.0) / 2.0
+        draws = ((x_hat + 1.0) / 2.0).reshape(x.shape[0], settings.draws, *x.shape[1:])
+        residual += (images.to(device)[:, None] - draws).abs().mean(dim=1)
+        recon += draws.mean(dim=1)
     count = len(settings.noise_levels)
-    shape = (images.shape[0], settings.draws, *images.shape[1:])
-    residual = (residual / count).reshape(shape).mean(dim=1)
-    recon = (recon / count).reshape(shape).mean(dim=1)
-    return residual.cpu(), recon.cpu()
+    return (residual / count).cpu(), (recon / count).cpu()
 
 
 def slice_residuals(net, volume: torch.Tensor, foreground: np.ndarray, cfg: Config,
