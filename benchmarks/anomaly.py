@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO))
 from medidiff import metrics  # noqa: E402
 from medidiff.api import AnomalyDetector, fit_zscore_baseline  # noqa: E402
 from medidiff.baselines import ZSCORE_FILE  # noqa: E402
+from medidiff.config import AnomalyConfig  # noqa: E402
 from medidiff.data.datasets import cached_volumes, read_split  # noqa: E402
 from medidiff.models.folder import load_model  # noqa: E402
 from medidiff.tasks.anomaly import ScoreSettings  # noqa: E402
@@ -45,8 +46,10 @@ SETTINGS = {
     "x0-t250-x10": dict(sampler="x0", noise_levels=(250,), steps=1, draws=10),
     "x0-3lvl-x2": dict(sampler="x0", noise_levels=(150, 250, 350), steps=1, draws=2),
     "x0-3lvl-x4": dict(sampler="x0", noise_levels=(150, 250, 350), steps=1, draws=4),
-    "default": dict(),
+    "x0-3lvl-x8": dict(sampler="x0", noise_levels=(150, 250, 350), steps=1, draws=8),
 }
+# medidiff's default scoring settings (AnomalyConfig defaults); marked in the table
+DEFAULT = ScoreSettings.from_config(AnomalyConfig()).describe()
 
 
 def machine() -> str:
@@ -133,8 +136,9 @@ def markdown(results: list[dict], header: str) -> str:
     for r in results:
         s = r["settings"]
         diffusion = s["method"] == "diffusion"
+        name = f"**{r['setting']} (default)**" if s == DEFAULT else r["setting"]
         lines.append(
-            f"| {r['setting']} | {s['sampler'] if diffusion else s['method']} | "
+            f"| {name} | {s['sampler'] if diffusion else s['method']} | "
             f"{','.join(map(str, s['noise_levels'])) if diffusion else '-'} | "
             f"{s['steps'] if diffusion else '-'} | {s['draws'] if diffusion else '-'} | "
             f"{r['nfe_per_slice']} | {r['pooled_ap']:.3f} | {r['pooled_auroc']:.3f} | "

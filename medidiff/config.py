@@ -93,11 +93,11 @@ class TrainConfig(_Section):
 class AnomalyConfig(_Section):
     """Reconstruction-based scoring (AnoDDPM and successors): partial noising, reverse, residual."""
 
-    sampler: Literal["ddpm", "ddim", "dpmpp2m", "x0"] = "x0"
-    noise_levels: list[int] = Field(default_factory=lambda: [150, 250, 350])
-    steps: int = Field(default=1, ge=1)
-    draws: int = Field(default=8, ge=1)
-    eta: float = Field(default=0.0, ge=0.0, le=1.0)
+    sampler: Literal["ddpm", "ddim", "dpmpp2m", "x0"] = "ddim"
+    noise_levels: list[int] = Field(default_factory=lambda: [250])
+    steps: int = Field(default=10, ge=1)
+    draws: int = Field(default=2, ge=1)
+    eta: float = Field(default=1.0, ge=0.0, le=1.0)
     median_kernel: int = Field(default=5, ge=1)
     score_top_fraction: float = Field(default=0.01, gt=0, le=1)
     target_fpr: float = Field(default=0.01, gt=0, lt=1)
@@ -107,34 +107,90 @@ class AnomalyConfig(_Section):
 
 
 class DenoiseConfig(_Section):
-    """Conditional denoising: the noisy scan is the condition."""
+    """Conditional denoising: the noisy scan (with its neighbour slices in 2D) is the condition.
 
-    noise: Literal["rician", "gaussian"] = "rician"
+    Training degrades clean scans on the fly: ``noise`` kinds drawn per example, sigma uniform
+    in ``sigma_range`` as a fraction of the brain's 99th-percentile intensity. The noise level
+    reaches the network as one of ``noise_bins`` class labels.
+    """
+
+    noise: list[Literal["rician", "gaussian"]] = Field(default_factory=lambda: ["rician", "gaussian"])
     sigma_range: tuple[float, float] = (0.02, 0.15)
+    noise_bins: int = Field(default=16, ge=2)
+    foreground_only: float = Field(default=0.5, ge=0.0, le=1.0,
+                                   description="fraction of examples with noise in the head only")
+    context: int = Field(default=1, ge=0, description="2D: neighbour slices on each side")
+    intensity_jitter: float = Field(default=0.2, ge=0.0, lt=1.0)
     sampler: Literal["ddpm", "ddim", "dpmpp2m", "x0"] = "ddim"
     steps: int = Field(default=10, ge=1)
+    eta: float = Field(default=0.0, ge=0.0, le=1.0)
     samples: int = Field(default=1, ge=1)
     batch_size: int = Field(default=32, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_noise_kind(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("noise"), str):
+            data = {**data, "noise": [data["noise"]]}
+        return data
+
+    @model_validator(mode="after")
+    def _check_range(self) -> DenoiseConfig:
+        low, high = self.sigma_range
+        if not 0 < low <= high:
+            raise ValueError("denoise.sigma_range needs 0 < low <= high")
+        if not self.noise:
+            raise ValueError("denoise.noise needs at least one noise kind")
+        return self
 
 
 class SuperResConfig(_Section):
-    """Conditional super-resolution (SR3): the interpolated low-resolution scan is the condition."""
+    """Conditional super-resolution (SR3): the interpolated low-resolution scan is the condition.
+
+    Training averages ``scales``-fold along the super-resolved axes (in-plane for 2D models,
+    the slice axis for 3D models, unless ``axes`` names them); the scale reaches the network as
+    a class label (its index in ``scales``).
+    """
 
     scales: list[int] = Field(default_factory=lambda: [2, 4])
+    axes: list[Literal[0, 1, 2]] | None = None
+    context: int = Field(default=0, ge=0, description="2D: neighbour slices on each side")
+    intensity_jitter: float = Field(default=0.2, ge=0.0, lt=1.0)
     sampler: Literal["ddpm", "ddim", "dpmpp2m", "x0"] = "ddim"
     steps: int = Field(default=10, ge=1)
+    eta: float = Field(default=0.0, ge=0.0, le=1.0)
     samples: int = Field(default=1, ge=1)
     batch_size: int = Field(default=32, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check_scales(self) -> SuperResConfig:
+        if not self.scales or any(s < 2 for s in self.scales):
+            raise ValueError("superres.scales needs integer factors of at least 2")
+        if self.axes is not None and len(set(self.axes)) != len(self.axes):
+            raise ValueError("superres.axes must not repeat an axis")
+        return self
 
 
 class SegmentConfig(_Section):
-    """Conditional segmentation (Wolleb et al. 2022): the image is the condition."""
+    """Conditional segmentation (Wolleb et al. 2022): the image is the condition.
 
-    num_classes: int = Field(default=4, ge=2)
+    The label map is generated as a code in [-1, 1]: one-hot (one channel per class) or analog
+    bits (Chen et al. 2023, ceil(log2 K) channels). ``samples`` maps are drawn per scan and fused.
+    """
+
+    num_classes: int = Field(default=4, ge=2, description="classes, background 0 included")
+    encoding: Literal["onehot", "bits"] = "onehot"
+    image_channels: int = Field(default=1, ge=1)
     sampler: Literal["ddpm", "ddim", "dpmpp2m", "x0"] = "ddim"
     steps: int = Field(default=10, ge=1)
+    eta: float = Field(default=0.0, ge=0.0, le=1.0)
     samples: int = Field(default=5, ge=1)
+    fusion: Literal["mean", "vote"] = "mean"
+    resample: Literal["nearest", "linear"] = "nearest"
     batch_size: int = Field(default=32, ge=1)
+    seed: int = 0
 
 
 class Config(_Section):

@@ -29,12 +29,12 @@ def settings_options(func):
                      help="diffusion (the model), or a baseline: voxel-wise z-score against the "
                           "healthy training scans, or intensity thresholding."),
         click.option("--sampler", type=click.Choice(["ddpm", "ddim", "dpmpp2m", "x0"]),
-                     default=None, help="Reverse sampler [default: the model's, x0]."),
+                     default=None, help="Reverse sampler [default: the model's, ddim]."),
         click.option("--steps", type=click.IntRange(min=1), default=None,
                      help="Sampler steps from each noise level [default: the model's]."),
         click.option("--noise-level", "noise_levels", type=click.IntRange(min=1),
                      multiple=True, help="Partial noise level(s) in training timesteps "
-                                         "(repeatable) [default: the model's, 150 250 350]."),
+                                         "(repeatable) [default: the model's, 250]."),
         click.option("--draws", type=click.IntRange(min=1), default=None,
                      help="Noise draws averaged per level [default: the model's]."),
         click.option("--eta", type=click.FloatRange(0, 1), default=None,
@@ -87,7 +87,7 @@ def score_cases(detector, paths, out_dir: Path, overwrite: bool, tracker, run_na
                 nested: bool = False):
     """Score files into ``out_dir`` under one MLflow run; returns the per-case outcomes."""
     from medidiff.api import write_maps
-    from medidiff.inference import merge_rows, run_cases
+    from medidiff.inference import run_cases
     from medidiff.report import anomaly_figure, save_png
 
     entry = detector.calibration()
@@ -115,7 +115,6 @@ def score_cases(detector, paths, out_dir: Path, overwrite: bool, tracker, run_na
             row = {"case": case, "score": f"{result.score:.6g}", "flagged": int(result.flagged),
                    "ood": int(result.ood), "ood_reason": "; ".join(result.ood_reasons),
                    "method": detector.settings.method}
-            merge_rows(out_dir / "scores.csv", [row])
             if result.ood:
                 echo(f"warning: {path.name}: looks out of distribution ({row['ood_reason']})")
             return row
@@ -125,7 +124,8 @@ def score_cases(detector, paths, out_dir: Path, overwrite: bool, tracker, run_na
             if outcome.status == "failed":
                 echo(f"error: {outcome.message}")
 
-        outcomes = run_cases(paths, out_dir, outputs, process, overwrite, on_case)
+        outcomes = run_cases(paths, out_dir, outputs, process, overwrite, on_case,
+                             table="scores.csv")
         done = [o for o in outcomes if o.status == "done"]
         tracker.log_metrics({"scored": len(done),
                              "failed": sum(o.status == "failed" for o in outcomes)})

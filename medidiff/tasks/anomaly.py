@@ -35,11 +35,11 @@ class ScoreSettings:
     """How a scan is scored; defaults come from the model's ``anomaly`` config section."""
 
     method: str = "diffusion"
-    sampler: str = "x0"
-    noise_levels: tuple[int, ...] = (150, 250, 350)
-    steps: int = 1
-    draws: int = 8
-    eta: float = 0.0
+    sampler: str = "ddim"
+    noise_levels: tuple[int, ...] = (250,)
+    steps: int = 10
+    draws: int = 2
+    eta: float = 1.0
     median_kernel: int = 5
     score_top_fraction: float = 0.01
     batch_size: int = 32
