@@ -53,9 +53,18 @@ def collect_inputs(paths: Sequence[str | Path]) -> tuple[list[Path], list[CaseOu
 
 def run_cases(paths: Sequence[Path], out_dir: Path, outputs: Callable[[str], list[str]],
               process: Callable[[Path, str], dict], overwrite: bool = False,
-              on_case: Callable[[CaseOutcome], None] | None = None) -> list[CaseOutcome]:
-    """Process each input unless its outputs exist; failures are isolated and cleaned up."""
+              on_case: Callable[[CaseOutcome], None] | None = None,
+              table: str | None = None) -> list[CaseOutcome]:
+    """Process each input unless it is finished; failures are isolated and cleaned up.
+
+    With ``table`` (a CSV file name in ``out_dir``, such as ``scores.csv``), the row ``process``
+    returns is merged into it after the case's outputs are written, and a case counts as
+    finished only when its outputs exist and its row is there: a process killed between the
+    two redoes the case instead of leaving it out of the table.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
+    table_path = safe_output_path(out_dir, table) if table else None
+    listed = {row.get("case") for row in read_table(table_path)} if table_path else set()
     outcomes, seen = [], set()
     for path in paths:
         case = case_name(path)
@@ -64,15 +73,30 @@ def run_cases(paths: Sequence[Path], out_dir: Path, outputs: Callable[[str], lis
                                   f"case name '{case}'")
         else:
             seen.add(case)
-            targets = [safe_output_path(out_dir, name) for name in outputs(case)]
-            if not overwrite and all(t.exists() for t in targets):
-                outcome = CaseOutcome(case, path, "skipped", "outputs exist (use --overwrite)")
-            else:
-                outcome = _process_one(path, case, targets, process)
+            outcome = _run_case(path, case, out_dir, outputs, process, overwrite,
+                                table_path, table_path is None or case in listed)
         outcomes.append(outcome)
         if on_case:
             on_case(outcome)
     return outcomes
+
+
+def _run_case(path: Path, case: str, out_dir: Path, outputs, process, overwrite: bool,
+              table: Path | None, listed: bool) -> CaseOutcome:
+    try:
+        targets = [safe_output_path(out_dir, name) for name in outputs(case)]
+    except InputError as err:  # e.g. a planted symlink: this case fails, the others go on
+        return CaseOutcome(case, path, "failed", str(err))
+    if not overwrite and listed and all(t.exists() for t in targets):
+        return CaseOutcome(case, path, "skipped", "outputs exist (use --overwrite)")
+
+    def process_and_record(path: Path, case: str) -> dict:
+        row = process(path, case)
+        if table is not None:
+            merge_rows(table, [row])
+        return row
+
+    return _process_one(path, case, targets, process_and_record)
 
 
 def _process_one(path: Path, case: str, targets: list[Path], process) -> CaseOutcome:

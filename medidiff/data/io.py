@@ -34,6 +34,7 @@ from medidiff.errors import InputError
 # 1024**3 / 4 voxels is 1 GiB as float32: far above any scan we expect, far below an OOM kill.
 MAX_VOXELS = 1024**3 // 4
 MAX_PNG_PIXELS = 8192 * 8192  # below PIL's decompression-bomb warning (about 89 M pixels)
+MAX_INTENSITY = 1e30  # beyond this, spans and products of voxel values overflow float32
 MAX_HEADER_BYTES = 16 * 1024**2  # NIfTI header plus extensions (vox_offset)
 _GZIP_MAX_RATIO = 1100  # deflate cannot expand more than about 1032:1
 _NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -184,6 +185,8 @@ def validate_input(path: str | Path) -> None:
     path = Path(path)
     if not path.exists():
         raise _error(path, "does not exist")
+    if not (path.is_file() or path.is_dir()):  # a FIFO or device would block or never end
+        raise _error(path, "is not a regular file or folder")
     kind = _kind(path)
     if kind is None:
         raise _error(path, _UNSUPPORTED)
@@ -223,6 +226,25 @@ def _check_shape(
         shown = "x".join(map(str, dims))
         raise _error(path, f"declares {count} {unit} ({shown}); the limit is {limit}")
     return tuple(dims)
+
+
+def check_resampled_size(
+    path: str | Path, shape: Sequence[int], spacing: Sequence[float], target: Sequence[float]
+) -> None:
+    """Refuse a scan that resampling to `target` spacing (mm) would blow up beyond MAX_VOXELS.
+
+    A few voxels whose header claims a huge spacing are a tiny file but a huge grid at the
+    model's spacing: memory must be bounded by the scan, not by what its header claims.
+    """
+    dims = [math.ceil(n * s / t) for n, s, t in zip(shape, spacing, target, strict=False)]
+    count = math.prod(dims)
+    if count > MAX_VOXELS:
+        shown = "x".join(map(str, dims))
+        raise _error(
+            path,
+            f"would have {count} voxels ({shown}) at the model's spacing of "
+            f"{'x'.join(f'{t:g}' for t in target)} mm; the limit is {MAX_VOXELS}",
+        )
 
 
 def _nifti_open(path: Path):
@@ -282,6 +304,8 @@ def _validate_nifti(path: Path) -> None:
         raise _error(path, f"has an unsupported NIfTI data type ({dtype})")
     dims = _check_shape(path, shape)
     _check_nifti_size(path, math.prod(shape) * dtype.itemsize, offset)
+    if path.name.lower().endswith(".gz"):
+        _check_gzip_stream(path, math.prod(shape) * dtype.itemsize + offset)
     _check_spacing(path, np.asarray(raw["pixdim"][1 : 1 + len(dims)], dtype=float))
     _check_affine(path, affine, len(dims))
 
@@ -301,6 +325,27 @@ def _check_nifti_size(path: Path, nbytes: int, offset: int) -> None:
             path,
             f"is truncated: declares {nbytes} bytes of voxels after byte "
             f"{offset}, but the file has {size} bytes",
+        )
+
+
+def _check_gzip_stream(path: Path, expected: int) -> None:
+    """Decompress to the end in bounded chunks, so gzip checks the stream's CRC and length.
+
+    Readers stop after the voxels they need and never reach the CRC in the gzip trailer: a
+    flipped bit in the deflate stream would otherwise give wrong voxels without a word.
+    """
+    total, limit = 0, expected + MAX_HEADER_BYTES
+    try:
+        with gzip.open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                total += len(chunk)
+                if total > limit:  # trailing data nobody reads: not worth decompressing
+                    return
+    except Exception as e:
+        raise _error(path, f"is truncated or corrupt ({_reason(e, path)})") from None
+    if total < expected:
+        raise _error(
+            path, f"is truncated: declares {expected} bytes with its header, holds {total}"
         )
 
 
@@ -526,13 +571,20 @@ def load_image(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def check_voxels(path: str | Path, array) -> None:
-    """Refuse loaded voxels with NaN/Inf or without contrast (for pipelines built on LoadImaged)."""
+    """Refuse loaded voxels with NaN/Inf, beyond +-MAX_INTENSITY or without contrast.
+
+    Also for pipelines built on LoadImaged. Finite float32 values near its maximum (3.4e38) pass
+    a NaN check but turn into Inf/NaN once scaled, so they are refused here, not written out.
+    """
     array = np.asarray(array)
     bad = int(array.size - np.count_nonzero(np.isfinite(array)))
     if bad:
         raise _error(path, f"contains {bad} NaN/Inf voxels")
     if array.size == 0 or array.min() == array.max():
         raise _error(path, "is constant (no contrast)")
+    largest = max(abs(float(array.min())), abs(float(array.max())))
+    if largest > MAX_INTENSITY:
+        raise _error(path, f"has intensities up to {largest:.3g}; the limit is {MAX_INTENSITY:g}")
 
 
 # -- writing -----------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from monai.transforms import (
     EnsureTyped,
     Invertd,
     LoadImaged,
+    MapTransform,
     Orientationd,
     Resized,
     ResizeWithPadOrCropd,
@@ -27,6 +28,44 @@ from monai.transforms import (
 from scipy import ndimage
 
 from medidiff.config import DataConfig
+from medidiff.data.io import check_resampled_size
+from medidiff.errors import InputError
+
+
+class Chain(Compose):
+    """A MONAI Compose from which an InputError raised by a step comes out as itself.
+
+    MONAI wraps every failure of a transform in ``RuntimeError("applying transform ...")``;
+    callers catch InputError to report the scan's problem in one line.
+    """
+
+    def __call__(self, *args, **kwargs):
+        try:
+            return super().__call__(*args, **kwargs)
+        except RuntimeError as err:
+            cause = err.__cause__
+            while cause is not None and not isinstance(cause, InputError):
+                cause = cause.__cause__
+            if cause is None:
+                raise
+            raise cause from None
+
+
+class CheckResampledSized(MapTransform):
+    """Before ``Spacingd``: refuse a scan whose grid at ``pixdim`` would exceed the voxel limit."""
+
+    def __init__(self, keys, pixdim: Sequence[float]):
+        super().__init__(keys)
+        self.pixdim = [float(p) for p in pixdim]
+
+    def __call__(self, data):
+        for key in self.key_iterator(data):
+            image = data[key]  # a channel-first MetaTensor
+            shape = image.shape[1:]
+            spacing = [float(s) for s in image.pixdim][: len(shape)]
+            check_resampled_size(image.meta.get("filename_or_obj", key), shape, spacing,
+                                 self.pixdim)
+        return data
 
 
 def grid_size(cfg: DataConfig) -> list[int]:
@@ -57,6 +96,7 @@ def volume_transforms(
         Orientationd(keys=keys, axcodes="RAS"),
     ]
     if cfg.spacing is not None:
+        chain.append(CheckResampledSized(keys=image_key, pixdim=cfg.spacing))
         chain.append(Spacingd(keys=keys, pixdim=cfg.spacing, mode=modes))
     low, high = cfg.intensity_percentiles
     chain += [
@@ -65,14 +105,14 @@ def volume_transforms(
         ),
         ResizeWithPadOrCropd(keys=keys, spatial_size=grid_size(cfg)),
     ]
-    return Compose(chain)
+    return Chain(chain)
 
 
 def image_transforms(cfg: DataConfig, image_key: str = "image", reader=None) -> Compose:
     """Chain for a 2D image (PNG, 2D NIfTI) and a 2D model: no physical spacing to honour, so
     the image is scaled to [0, 1] and resized to the model's in-plane grid (invertibly)."""
     low, high = cfg.intensity_percentiles
-    return Compose([
+    return Chain([
         LoadImaged(keys=image_key, reader=reader, image_only=True),
         EnsureChannelFirstd(keys=image_key),
         EnsureTyped(keys=image_key, dtype=torch.float32),

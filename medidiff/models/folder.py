@@ -11,10 +11,11 @@ from __future__ import annotations
 import datetime as _dt
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import medidiff
 from medidiff.config import Config, from_dict
@@ -106,6 +107,55 @@ def read_model_yaml(folder: str | Path) -> dict[str, Any]:
     return meta
 
 
+class _Strict(BaseModel):
+    # strict: the raw values are used as they are, so "0.5" must not pass for a number
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class _Weights(_Strict):
+    file: str = WEIGHTS
+    sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$")
+
+
+class _CalibrationEntry(_Strict):
+    settings: dict[str, Any]
+    voxel_threshold: float | None = None
+    scan_threshold: float | None = None
+
+
+class _Calibration(_Strict):
+    entries: list[_CalibrationEntry] = Field(default_factory=list)
+    ood: dict[str, Annotated[list[float], Field(min_length=2, max_length=2)]] = Field(
+        default_factory=dict)
+
+
+class _Meta(_Strict):
+    """What inference reads from model.yaml besides the config (validated by ``from_dict``)."""
+
+    weights: _Weights
+    calibration: _Calibration | None = None
+    info: dict[str, Any] | None = None
+
+
+def _check_meta(path: Path, meta: dict[str, Any]) -> None:
+    """Refuse a model.yaml whose weights, calibration or info entries have the wrong shape."""
+    try:
+        _Meta.model_validate(meta)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        raise ModelFolderError(path, f"key '{key}': {first['msg']}") from None
+
+
+def _check_fit(path: Path, cfg: Config, state: dict[str, torch.Tensor]) -> None:
+    """The weights must have the network's exact shapes, checked on the meta device first so
+    that a model.yaml asking for a huge network cannot allocate more than its weights hold."""
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in build_network(cfg).state_dict().items()}
+    if shapes != {k: tuple(v.shape) for k, v in state.items()}:
+        raise ModelFolderError(path, "weights do not fit the network described in model.yaml")
+
+
 def load_model(folder: str | Path, task: str | None = None, device: str = "cpu") -> LoadedModel:
     """Load a model folder for inference; refuse one of another task or with tampered weights."""
     folder = Path(folder)
@@ -116,12 +166,14 @@ def load_model(folder: str | Path, task: str | None = None, device: str = "cpu")
         raise ModelFolderError(folder / MODEL_YAML, str(err)) from None
     if task is not None and cfg.task != task:
         raise ModelFolderError(folder, f"holds a '{cfg.task}' model, not a '{task}' model")
-    weights = meta.get("weights") or {}
+    _check_meta(folder / MODEL_YAML, meta)
+    weights = meta["weights"]
     name = str(weights.get("file", WEIGHTS))
     path = (folder / name).resolve()
     if path.parent != folder.resolve():
         raise ModelFolderError(folder / MODEL_YAML, f"weights path '{name}' leaves the model folder")
-    state = load_weights(path, expected_sha256=weights.get("sha256"))
+    state = load_weights(path, expected_sha256=weights["sha256"])
+    _check_fit(path, cfg, state)
     net = build_network(cfg)
     try:
         net.load_state_dict(state)
