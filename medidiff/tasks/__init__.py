@@ -12,6 +12,7 @@ TASKS = {
     "anomaly": ("medidiff.tasks.anomaly", "AnomalyTask"),
     "denoise": ("medidiff.tasks.denoise", "DenoiseTask"),
     "superres": ("medidiff.tasks.superres", "SuperResTask"),
+    "segment": ("medidiff.tasks.segment", "SegmentTask"),
 }
 
 
