@@ -1,0 +1,231 @@
+"""Segmentation as conditional generation of the label map (Wolleb et al. 2022; MedSegDiff).
+
+The image is the condition, concatenated after the noisy target (Wolleb et al. 2022, "Diffusion
+models for implicit image segmentation ensembles"; Wu et al. 2023, MedSegDiff). The label map
+becomes a code in [-1, 1]: one-hot, one channel per class, or analog bits (Chen et al. 2023,
+"Analog bits"), ceil(log2 K) channels. Several samples from independent noise are decoded into
+class probabilities and fused: their mean, then argmax (or a majority vote); the normalised
+entropy of the fused probabilities is the voxel-wise uncertainty.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medidiff.config import Config, SegmentConfig
+from medidiff.diffusion.samplers import get_sampler, nfe, timestep_schedule
+from medidiff.diffusion.schedule import NoiseSchedule
+from medidiff.errors import ConfigError, InputError
+from medidiff.tasks.base import Task, TrainingInputs, model_fn
+from medidiff.tasks.denoise import crop_batch
+
+ENCODINGS = ("onehot", "bits")
+FUSIONS = ("mean", "vote")
+
+
+class SegmentTask(Task):
+    """Target: the encoded label map; condition: the image (``label`` entries of the data)."""
+
+    name = "segment"
+    label_keys = ("label",)
+
+    def target_channels(self, cfg: Config) -> int:
+        return code_channels(cfg.segment.num_classes, cfg.segment.encoding)
+
+    def condition_channels(self, cfg: Config) -> int:
+        return cfg.segment.image_channels
+
+    def training_inputs(self, batch: dict, cfg: Config, generator: torch.Generator) -> TrainingInputs:
+        image, labels = batch["image"], batch["label"]
+        section = cfg.segment
+        if image.shape[1] != section.image_channels:
+            raise InputError(None, f"training images have {image.shape[1]} channels, but "
+                                   f"segment.image_channels is {section.image_channels}")
+        check_label_values(labels, section.num_classes)
+        both = crop_batch(torch.cat([image, labels.to(image.dtype)], dim=1), cfg, generator)
+        image, labels = both[:, :-1], both[:, -1:]
+        target = encode_labels(labels, section.num_classes, section.encoding)
+        return TrainingInputs(target=target, condition=image * 2.0 - 1.0)
+
+
+# -- label codes ------------------------------------------------------------------------------
+def code_channels(num_classes: int, encoding: str) -> int:
+    """Channels of the code: K for one-hot, ceil(log2 K) for analog bits."""
+    if encoding == "onehot":
+        return num_classes
+    if encoding == "bits":
+        return max(1, math.ceil(math.log2(num_classes)))
+    raise ConfigError(f"segment.encoding: unknown encoding {encoding!r} (valid: {', '.join(ENCODINGS)})")
+
+
+def check_label_values(labels: torch.Tensor, num_classes: int) -> None:
+    """Labels must be the integers 0 .. K-1 (K = ``segment.num_classes``)."""
+    top = int(labels.max().round()) if labels.numel() else 0
+    if top >= num_classes or (labels.numel() and float(labels.min()) < -0.5):
+        raise InputError(None, f"a label map holds class {top}, but segment.num_classes is "
+                               f"{num_classes} (classes 0..{num_classes - 1}); set "
+                               "segment.num_classes to the number of labels in dataset.json")
+
+
+def _bit_table(num_classes: int, channels: int) -> torch.Tensor:
+    """(K, C) 0/1 table: bit j of class k."""
+    classes = torch.arange(num_classes)[:, None]
+    return ((classes >> torch.arange(channels)[None, :]) & 1).float()
+
+
+def encode_labels(labels: torch.Tensor, num_classes: int, encoding: str = "onehot") -> torch.Tensor:
+    """(B, 1, *S) class map -> (B, C, *S) code with values -1 and 1."""
+    index = labels[:, 0].round().long()
+    if encoding == "onehot":
+        code = F.one_hot(index, num_classes).movedim(-1, 1).float()
+    else:
+        table = _bit_table(num_classes, code_channels(num_classes, encoding)).to(labels.device)
+        code = table[index].movedim(-1, 1)
+    return code * 2.0 - 1.0
+
+
+def decode_probabilities(code: torch.Tensor, num_classes: int,
+                         encoding: str = "onehot") -> torch.Tensor:
+    """(B, C, *S) generated code -> (B, K, *S) class probabilities that sum to 1.
+
+    One-hot: each channel mapped to [0, 1] and normalised. Analog bits: each channel is the
+    probability of its bit, bits independent; classes beyond K are dropped and the rest
+    renormalised. A voxel with no evidence for any class gets the uniform distribution.
+    """
+    q = ((code.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+    if encoding == "onehot":
+        probs = q
+    else:
+        table = _bit_table(num_classes, code_channels(num_classes, encoding)).to(code.device)
+        table = table.reshape(1, *table.shape, *[1] * (code.ndim - 2))
+        probs = (table * q[:, None] + (1 - table) * (1 - q[:, None])).prod(dim=2)
+    total = probs.sum(dim=1, keepdim=True)
+    uniform = torch.full_like(probs, 1.0 / num_classes)
+    return torch.where(total > 1e-6, probs / total.clamp_min(1e-6), uniform)
+
+
+def decode_labels(code: torch.Tensor, num_classes: int, encoding: str = "onehot") -> torch.Tensor:
+    """(B, C, *S) code -> (B, 1, *S) class map (argmax of the decoded probabilities)."""
+    return decode_probabilities(code, num_classes, encoding).argmax(dim=1, keepdim=True)
+
+
+# -- ensembles --------------------------------------------------------------------------------
+def fuse(probs: torch.Tensor, method: str = "mean") -> torch.Tensor:
+    """(N, K, *S) per-sample probabilities -> (K, *S) fused probabilities.
+
+    ``mean``: the mean of the soft maps (Wolleb et al. 2022 average their samples). ``vote``: the
+    share of samples whose argmax is each class (majority vote), ties broken by the mean.
+    """
+    mean = probs.mean(dim=0)
+    if method == "mean":
+        return mean
+    if method != "vote":
+        raise ConfigError(f"segment.fusion: unknown fusion {method!r} (valid: {', '.join(FUSIONS)})")
+    votes = F.one_hot(probs.argmax(dim=1), probs.shape[1]).movedim(-1, 1).float().mean(dim=0)
+    tie_broken = votes + 1e-3 * mean
+    return tie_broken / tie_broken.sum(dim=0, keepdim=True)
+
+
+def entropy(probs: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Entropy of class probabilities along ``dim``, divided by log K: 0 certain, 1 uniform."""
+    p = probs.clamp_min(1e-12)
+    return (-(probs * p.log()).sum(dim=dim) / math.log(probs.shape[dim])).clamp(0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class SegmentSettings:
+    """How a scan is segmented; defaults come from the model's ``segment`` config section."""
+
+    sampler: str = "ddim"
+    steps: int = 10
+    samples: int = 5
+    eta: float = 0.0
+    fusion: str = "mean"
+    resample: str = "nearest"
+    batch_size: int = 32
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: SegmentConfig, **overrides) -> SegmentSettings:
+        base = cls(sampler=cfg.sampler, steps=cfg.steps, samples=cfg.samples, eta=cfg.eta,
+                   fusion=cfg.fusion, resample=cfg.resample, batch_size=cfg.batch_size,
+                   seed=cfg.seed)
+        settings = replace(base, **{k: v for k, v in overrides.items() if v is not None})
+        settings.validate()
+        return settings
+
+    def validate(self, num_train_timesteps: int = 1000) -> None:
+        get_sampler(self.sampler)
+        self.timesteps(num_train_timesteps)
+        if self.fusion not in FUSIONS:
+            raise ConfigError(f"fusion: unknown fusion {self.fusion!r} (valid: {', '.join(FUSIONS)})")
+        if self.samples < 1 or self.batch_size < 1:
+            raise ConfigError("samples and batch_size must be at least 1")
+
+    def timesteps(self, num_train_timesteps: int) -> list[int]:
+        """From pure noise (the last training step) down, ``steps`` evenly spaced timesteps."""
+        start = num_train_timesteps - 1
+        return timestep_schedule(start, min(self.steps, start), num_train_timesteps)
+
+    def describe(self) -> dict:
+        return {"sampler": self.sampler, "steps": self.steps, "samples": self.samples,
+                "eta": self.eta, "fusion": self.fusion, "resample": self.resample,
+                "nfe_per_slice": self.samples * nfe(self.sampler, self.steps)}
+
+
+@torch.no_grad()
+def sample_probabilities(net, images: torch.Tensor, cfg: Config, schedule: NoiseSchedule,
+                         settings: SegmentSettings, generator: torch.Generator,
+                         device: torch.device) -> torch.Tensor:
+    """(B, C, *S) images in [0, 1] -> (B, N, K, *S) class probabilities of N samples each.
+
+    Every sample starts from its own Gaussian noise; samples are folded into the batch.
+    """
+    section, n = cfg.segment, settings.samples
+    condition = (images.to(device) * 2.0 - 1.0).repeat_interleave(n, dim=0)
+    shape = (condition.shape[0], code_channels(section.num_classes, section.encoding),
+             *images.shape[2:])
+    x = torch.randn(shape, generator=generator).to(device)
+    options = {"eta": settings.eta} if settings.sampler == "ddim" else {}
+    code = get_sampler(settings.sampler)(
+        model_fn(net, condition), x, settings.timesteps(schedule.num_train_timesteps), schedule,
+        generator=generator, clip=True, **options)
+    probs = decode_probabilities(code, section.num_classes, section.encoding)
+    return probs.reshape(images.shape[0], n, *probs.shape[1:]).cpu()
+
+
+def volume_samples(net, volume: torch.Tensor, foreground: np.ndarray, cfg: Config,
+                   schedule: NoiseSchedule, settings: SegmentSettings, device: torch.device,
+                   progress=None) -> torch.Tensor:
+    """Per-sample probabilities (N, K, H, W, D) of a (C, H, W, D) volume on the model grid.
+
+    A 3D model sees the whole volume; a 2D model the slices along ``data.slice_axis`` that hold
+    foreground, in batches (slices without any are background with certainty).
+    """
+    generator = torch.Generator().manual_seed(settings.seed)
+    if cfg.data.spatial_dims == 3:  # samples in chunks of batch_size volumes
+        sizes = [min(settings.batch_size, settings.samples - i)
+                 for i in range(0, settings.samples, settings.batch_size)]
+        return torch.cat([sample_probabilities(net, volume[None], cfg, schedule,
+                                               replace(settings, samples=n), generator, device)[0]
+                          for n in sizes])
+    axis = cfg.data.slice_axis + 1
+    slices = volume.movedim(axis, 0)  # (S, C, h, w)
+    todo = torch.nonzero(torch.as_tensor(foreground).movedim(axis - 1, 0).flatten(1).any(dim=1))
+    todo = todo.flatten().tolist()
+    k = cfg.segment.num_classes
+    out = torch.zeros((slices.shape[0], settings.samples, k, *slices.shape[2:]))
+    out[:, :, 0] = 1.0
+    per_batch = max(1, settings.batch_size // settings.samples)
+    for start in range(0, len(todo), per_batch):
+        index = todo[start:start + per_batch]
+        out[index] = sample_probabilities(net, slices[index], cfg, schedule, settings,
+                                          generator, device)
+        if progress:
+            progress(min(start + per_batch, len(todo)), len(todo))
+    return out.permute(1, 2, *range(3, out.ndim), 0).movedim(-1, axis + 1)
