@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks._common import machine, write_section  # noqa: E402
 from medidiff import metrics  # noqa: E402
 from medidiff.api import AnomalyDetector, fit_zscore_baseline  # noqa: E402
 from medidiff.baselines import ZSCORE_FILE  # noqa: E402
@@ -50,18 +50,6 @@ SETTINGS = {
 }
 # medidiff's default scoring settings (AnomalyConfig defaults); marked in the table
 DEFAULT = ScoreSettings.from_config(AnomalyConfig()).describe()
-
-
-def machine() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def ensure_data_and_model(data: Path, model: Path, preset: str) -> None:
@@ -147,17 +135,6 @@ def markdown(results: list[dict], header: str) -> str:
     return "\n".join(lines)
 
 
-def write_docs(table: str, section: str) -> None:
-    path = REPO / "docs" / "benchmarks.md"
-    start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
-    text = path.read_text() if path.exists() else f"# Benchmarks\n\n{start}\n{end}\n"
-    if start not in text:
-        text += f"\n{start}\n{end}\n"
-    before, rest = text.split(start, 1)
-    after = rest.split(end, 1)[1]
-    path.write_text(f"{before}{start}\n{table}\n{end}{after}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO / "benchmarks" / "work" / "data")
@@ -205,7 +182,7 @@ def main() -> None:
     table = markdown(ordered, header)
     print(table)
     if args.write_docs:
-        write_docs(table, section)
+        write_section(section, table)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ from skimage.restoration import denoise_nl_means, denoise_tv_chambolle
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks._common import machine, write_section  # noqa: E402
 from medidiff import metrics  # noqa: E402
 from medidiff.data import degrade  # noqa: E402
 from medidiff.data.transforms import foreground_mask  # noqa: E402
@@ -49,18 +49,6 @@ SCALES = {"lowres2": 2, "lowres4": 4}
 # (benchmarks/enhance.py --split validation; never on the test scans): NLM h = 0.4 sigma and TV
 # weight = 0.5 sigma were within 0.15 dB of the best of a sweep at both noise levels.
 NLM_H, TV_WEIGHT = 0.4, 0.5
-
-
-def machine() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def run(*args: str) -> None:
@@ -229,17 +217,6 @@ def markdown(table: list[dict], header: str) -> str:
     return "\n".join(lines)
 
 
-def write_docs(text: str) -> None:
-    path = REPO / "docs" / "benchmarks.md"
-    start, end = "<!-- enhance:start -->", "<!-- enhance:end -->"
-    doc = path.read_text() if path.exists() else f"# Benchmarks\n\n{start}\n{end}\n"
-    if start not in doc:
-        doc += f"\n{start}\n{end}\n"
-    before, rest = doc.split(start, 1)
-    after = rest.split(end, 1)[1]
-    path.write_text(f"{before}{start}\n{text}\n{end}{after}")
-
-
 def parse() -> argparse.Namespace:
     work = REPO / "benchmarks" / "work"
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -299,7 +276,7 @@ def main() -> None:
     text = markdown(table, header)
     print(text)
     if args.write_docs:
-        write_docs(text)
+        write_section("enhance", text)
 
 
 if __name__ == "__main__":

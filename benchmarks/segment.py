@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -32,7 +31,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.anomaly import machine  # noqa: E402
+from benchmarks._common import machine, write_section  # noqa: E402
 from medidiff.config import Config  # noqa: E402
 from medidiff.data.datasets import read_split, training_dataset  # noqa: E402
 from medidiff.data.io import load_image  # noqa: E402
@@ -49,7 +48,6 @@ from medidiff.tasks.segment import fuse  # noqa: E402
 from medidiff.train import draw_batch  # noqa: E402
 
 METHODS = ("ensemble", "ensemble-vote", "single", "unet", "otsu")
-START, END = "<!-- segment:start -->", "<!-- segment:end -->"
 
 
 def ensure_data_and_model(data: Path, model: Path, preset: str) -> float | None:
@@ -176,19 +174,6 @@ def markdown(summary: dict, header: str, names: dict[int, str]) -> str:
     return "\n".join(lines)
 
 
-def write_docs(text: str) -> None:
-    """Replace the text between this benchmark's markers in docs/benchmarks.md."""
-    path = REPO / "docs" / "benchmarks.md"
-    doc = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{START}\n{text}\n{END}"
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-    if pattern.search(doc):
-        doc = pattern.sub(lambda _: block, doc)
-    else:
-        doc = doc.rstrip("\n") + f"\n\n{block}\n"
-    path.write_text(doc)
-
-
 def training_budget(data: Path, model: Path, preset: str, cpu_seconds: float | None) -> dict:
     """Train the diffusion model if missing; its training time is the UNet's budget."""
     record = model / "benchmark_training.json"
@@ -226,7 +211,7 @@ def main() -> None:
         text = report(result, args, len(result["cases"]))
         print(text)
         if args.write_docs:
-            write_docs(text)
+            write_section("segment", text)
         return
 
     torch.set_num_threads(args.threads)
@@ -255,7 +240,7 @@ def main() -> None:
     text = report(result, args, len(cases))
     print(text)
     if args.write_docs:
-        write_docs(text)
+        write_section("segment", text)
 
 
 def report(result: dict, args, n_cases: int) -> str:

@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 warnings.filterwarnings("ignore")  # MONAI's deprecation notes would bury the numbers
 
+from benchmarks._common import write_section  # noqa: E402
 from medidiff.api import AnomalyDetector  # noqa: E402
 from medidiff.config import load_config  # noqa: E402
 from medidiff.data.datasets import read_split  # noqa: E402
@@ -230,17 +231,6 @@ def ratios(rows: list[dict]) -> list[str]:
     return lines
 
 
-def write_docs(text: str) -> None:
-    """Replace this script's section of docs/benchmarks.md (between its markers) only."""
-    path = REPO / "docs" / "benchmarks.md"
-    start, end = "<!-- throughput:start -->", "<!-- throughput:end -->"
-    doc = path.read_text()
-    if start not in doc:
-        doc += f"\n## Throughput\n\n{start}\n{end}\n"
-    before, rest = doc.split(start, 1)
-    path.write_text(f"{before}{start}\n{text}\n{end}{rest.split(end, 1)[1]}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path,
@@ -287,7 +277,7 @@ def main() -> None:
     text = markdown(result)
     print(text)
     if args.write_docs:
-        write_docs(text)
+        write_section("throughput", text)
 
 
 if __name__ == "__main__":

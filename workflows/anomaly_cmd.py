@@ -10,6 +10,7 @@ from medidiff.workflows.common import (
     echo,
     make_tracker,
     progress_bar,
+    report_outcomes,
     sharding_options,
     terminate_as_interrupt,
     tracking_options,
@@ -121,8 +122,6 @@ def score_cases(detector, paths, out_dir: Path, overwrite: bool, tracker, run_na
 
         def on_case(outcome) -> None:
             bar.update(1)
-            if outcome.status == "failed":
-                echo(f"error: {outcome.message}")
 
         outcomes = run_cases(paths, out_dir, outputs, process, overwrite, on_case,
                              table="scores.csv")
@@ -138,17 +137,6 @@ def fallback_calibration(detector) -> dict | None:
     entries = [e for e in detector.model.calibration.get("entries", [])
                if e["settings"].get("method") == detector.settings.method]
     return entries[0] if entries else None
-
-
-def report_outcomes(outcomes) -> None:
-    done = sum(o.status == "done" for o in outcomes)
-    skipped = sum(o.status == "skipped" for o in outcomes)
-    failed = [o for o in outcomes if o.status == "failed"]
-    echo(f"{done} scored, {skipped} skipped (outputs exist), {len(failed)} failed")
-    if failed:
-        for outcome in failed:
-            echo(f"failed: {outcome.message}")
-        raise SystemExit(2)
 
 
 def run_calibration(model_dir, data_dir, tracker, device: str = "auto", nested: bool = False,

@@ -90,3 +90,15 @@ def resolve_out(path: str) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     return out
 
+
+def report_outcomes(outcomes, verb: str = "scored", show_failures: bool = True) -> None:
+    """One summary line (and each failure unless already shown); exit status 2 if any failed."""
+    done = sum(o.status == "done" for o in outcomes)
+    skipped = sum(o.status == "skipped" for o in outcomes)
+    failed = [o for o in outcomes if o.status == "failed"]
+    echo(f"{done} {verb}, {skipped} skipped (outputs exist), {len(failed)} failed")
+    if show_failures:
+        for outcome in failed:
+            echo(f"failed: {outcome.message}")
+    if failed:
+        raise SystemExit(2)

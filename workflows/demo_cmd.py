@@ -7,7 +7,13 @@ import time
 from pathlib import Path
 
 import click
-from medidiff.workflows.common import echo, make_tracker, terminate_as_interrupt, tracking_options
+from medidiff.workflows.common import (
+    echo,
+    make_tracker,
+    report_outcomes,
+    terminate_as_interrupt,
+    tracking_options,
+)
 
 METHODS = ("diffusion", "zscore", "threshold")
 
@@ -37,7 +43,7 @@ def preset_path(task: str, preset: str) -> Path:
 def demo(out_dir, preset, seed, subjects, overrides, device, experiment, tracking_uri,
          no_tracking) -> None:
     """Example data -> normative model -> calibration -> scoring -> evaluation vs baselines."""
-    from medidiff.workflows.anomaly_cmd import report_outcomes, score_cases
+    from medidiff.workflows.anomaly_cmd import score_cases
     from medidiff.workflows.train_cmd import train_and_calibrate
 
     from medidiff.api import AnomalyDetector

@@ -10,6 +10,7 @@ from medidiff.workflows.common import (
     echo,
     make_tracker,
     progress_bar,
+    report_outcomes,
     sharding_options,
     terminate_as_interrupt,
     tracking_options,
@@ -173,14 +174,3 @@ def _cell(value):
     if isinstance(value, list):
         return " ".join(str(v) for v in value)
     return value
-
-
-def report_outcomes(outcomes, verb: str) -> None:
-    done = sum(o.status == "done" for o in outcomes)
-    skipped = sum(o.status == "skipped" for o in outcomes)
-    failed = [o for o in outcomes if o.status == "failed"]
-    echo(f"{done} {verb}, {skipped} skipped (outputs exist), {len(failed)} failed")
-    if failed:
-        for outcome in failed:
-            echo(f"failed: {outcome.message}")
-        raise SystemExit(2)

@@ -9,6 +9,7 @@ from medidiff.workflows.common import (
     echo,
     make_tracker,
     progress_bar,
+    report_outcomes,
     sharding_options,
     terminate_as_interrupt,
     tracking_options,
@@ -66,7 +67,7 @@ def segment(model_dir, out_dir, inputs, samples, steps, sampler, eta, fusion, re
     terminate_as_interrupt()
     outcomes = segment_cases(segmenter, paths, Path(out_dir), overwrite, tracker, save_prob,
                              Path(label_dir) if label_dir else None)
-    report_outcomes(failed + outcomes)
+    report_outcomes(failed + outcomes, "segmented", show_failures=False)
 
 
 def segment_cases(segmenter, paths, out_dir: Path, overwrite: bool, tracker, save_prob: bool,
@@ -150,14 +151,3 @@ def log_summary(tracker, outcomes, out_dir: Path) -> None:
     tracker.log_metrics(summary)
     if (out_dir / "segment.csv").is_file():
         tracker.log_artifact(out_dir / "segment.csv")
-
-
-def report_outcomes(outcomes) -> None:
-    """One summary line; exit status 2 when a case failed (its error was shown already)."""
-    from collections import Counter
-
-    count = Counter(o.status for o in outcomes)
-    echo(f"{count['done']} segmented, {count['skipped']} skipped (outputs exist), "
-         f"{count['failed']} failed")
-    if count["failed"]:
-        raise SystemExit(2)
