@@ -45,22 +45,19 @@ def cli(debug: bool) -> None:
 
 
 def _register() -> None:
-    from medidiff.workflows import anomaly_cmd, data_cmd, demo_cmd, runs_cmd, train_cmd
+    from medidiff.workflows import (
+        anomaly_cmd,
+        data_cmd,
+        demo_cmd,
+        enhance_cmd,
+        runs_cmd,
+        segment_cmd,
+        train_cmd,
+    )
 
-    cli.add_command(data_cmd.data)
-    cli.add_command(train_cmd.train)
-    cli.add_command(anomaly_cmd.anomaly)
-    cli.add_command(runs_cmd.runs)
-    cli.add_command(demo_cmd.demo)
-    for module, name in (("enhance_cmd", "denoise"), ("enhance_cmd", "super_resolve"),
-                         ("segment_cmd", "segment")):
-        try:
-            mod = __import__(f"medidiff.workflows.{module}", fromlist=[name])
-        except ModuleNotFoundError as err:
-            if err.name != f"medidiff.workflows.{module}":
-                raise
-            continue
-        cli.add_command(getattr(mod, name))
+    for command in (data_cmd.data, train_cmd.train, anomaly_cmd.anomaly, enhance_cmd.denoise,
+                    enhance_cmd.super_resolve, segment_cmd.segment, runs_cmd.runs, demo_cmd.demo):
+        cli.add_command(command)
 
 
 _register()
