@@ -275,6 +275,8 @@ class Trainer:
             "training_scans": len(self.entries),
             "device": str(self.device),
         }
+        if self.run_id:
+            info["mlflow_run_id"] = self.run_id
         return save_model_folder(self.out_dir, self.cfg, net.state_dict(), info, calibration)
 
 

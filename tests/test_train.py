@@ -33,10 +33,12 @@ def test_training_writes_a_complete_model_folder(tiny_model):
 def test_training_run_is_tracked(tiny_model, isolated_mlflow):
     from medidiff.tracking import search_runs
 
-    runs = [r for r in search_runs("medidiff", uri=isolated_mlflow)
-            if r["name"].startswith("train-anomaly-cpu-tiny")]
-    assert runs, "no training run in MLflow"
+    run_id = yaml.safe_load((tiny_model / "model.yaml").read_text())["info"]["mlflow_run_id"]
+    runs = [r for r in search_runs("medidiff", uri=isolated_mlflow, max_runs=1000)
+            if r["run_id"] == run_id]
+    assert runs, "the model folder's training run is not in MLflow"
     run = runs[0]
+    assert run["name"].startswith("train-anomaly-cpu-tiny")
     assert run["params"]["train.steps"] == "30"
     assert "loss" in run["metrics"]
 
