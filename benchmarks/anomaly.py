@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks._common import machine, write_section  # noqa: E402
 from medidiff import metrics  # noqa: E402
-from medidiff.api import AnomalyDetector, fit_zscore_baseline  # noqa: E402
+from medidiff.api import AnomalyDetector, fit_zscore_baseline, standardise_healthy  # noqa: E402
 from medidiff.baselines import ZSCORE_FILE  # noqa: E402
 from medidiff.config import AnomalyConfig  # noqa: E402
 from medidiff.data.datasets import cached_volumes, read_split  # noqa: E402
@@ -38,10 +38,13 @@ from medidiff.tasks.anomaly import ScoreSettings  # noqa: E402
 SETTINGS = {
     "zscore": dict(method="zscore"),
     "threshold": dict(method="threshold"),
-    "reference": dict(sampler="ddpm", noise_levels=(250,), steps=250, draws=1),
+    "reference": dict(sampler="ddpm", noise_levels=(250,), steps=250, draws=1, standardise=False),
+    "reference-std": dict(sampler="ddpm", noise_levels=(250,), steps=250, draws=1),
     "ddim10": dict(sampler="ddim", noise_levels=(250,), steps=10, draws=1),
     "ddim10-x2": dict(sampler="ddim", noise_levels=(250,), steps=10, draws=2),
     "ddim10-eta1-x2": dict(sampler="ddim", noise_levels=(250,), steps=10, draws=2, eta=1.0),
+    "ddim10-eta1-x2-raw": dict(sampler="ddim", noise_levels=(250,), steps=10, draws=2, eta=1.0,
+                               standardise=False),
     "x0-t250-x1": dict(sampler="x0", noise_levels=(250,), steps=1, draws=1),
     "x0-t250-x10": dict(sampler="x0", noise_levels=(250,), steps=1, draws=10),
     "x0-3lvl-x2": dict(sampler="x0", noise_levels=(150, 250, 350), steps=1, draws=2),
@@ -98,7 +101,9 @@ def run_setting(model, name: str, val, test, device) -> dict:
     settings = ScoreSettings.from_config(model.config.anomaly, **SETTINGS[name])
     detector = AnomalyDetector(model, settings, device)
     stats = detector.zscore_stats() if settings.method == "zscore" else None
+    detector._residual_stats = {}  # fitted on the validation scans below, as calibrate does
     grids = [score(detector, v, stats) for v in val]
+    detector._residual_stats = standardise_healthy(detector, grids) or {}
     threshold = metrics.threshold_at_fpr([g.anomaly_map for g in grids], 0.01,
                                          masks=[g.foreground for g in grids])
     cases, seconds = [], []

@@ -42,6 +42,10 @@ from medidiff.train import select_device
 
 log = logging.getLogger("medidiff")
 
+RESIDUAL_FLOOR = 0.02  # residual std floor ([0, 1] intensity units), as the z-score baseline's
+RESIDUAL_SMOOTH = 1.0  # voxels: steadies voxel statistics from a handful of healthy scans
+MIN_STANDARDISE_SCANS = 3
+
 
 @dataclass
 class GridResult:
@@ -53,6 +57,7 @@ class GridResult:
     foreground: np.ndarray
     score: float
     stats: dict[str, float] = field(default_factory=dict)
+    residual: np.ndarray | None = None  # the diffusion residual before standardisation
 
 
 @dataclass
@@ -71,7 +76,8 @@ class AnomalyResult:
 
 def settings_key(settings: ScoreSettings) -> dict:
     """What a calibration depends on (the map's scale changes with these)."""
-    keep = ("method", "sampler", "noise_levels", "steps", "draws", "eta", "median_kernel")
+    keep = ("method", "sampler", "noise_levels", "steps", "draws", "eta", "median_kernel",
+            "standardise")
     if settings.method != "diffusion":
         keep = ("method", "median_kernel")
     return {k: v for k, v in settings.describe().items() if k in keep}
@@ -84,8 +90,11 @@ class AnomalyDetector:
         self.model, self.settings, self.device = model, settings, device
         self.cfg = model.config
         self.schedule = NoiseSchedule(**self.cfg.diffusion.model_dump())
-        self.settings.validate(self.schedule.num_train_timesteps)
+        trained = min(self.cfg.train.max_timestep or self.schedule.num_train_timesteps,
+                      self.schedule.num_train_timesteps)
+        self.settings.validate(trained)  # a level the model never learnt is refused
         self._zscore = None
+        self._residual_stats: dict[str, np.ndarray] | None = None  # None: from the calibration
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "auto", **overrides) -> AnomalyDetector:
@@ -105,10 +114,16 @@ class AnomalyDetector:
         return None
 
     # -- scoring ------------------------------------------------------------------------------
-    def score_grid(self, volume: torch.Tensor, progress=None) -> GridResult:
-        """Score a preprocessed (C, H, W, D) volume, or a (C, H, W) image, on the model grid."""
+    def score_grid(self, volume: torch.Tensor, progress=None,
+                   calibration: dict | None = None) -> GridResult:
+        """Score a preprocessed (C, H, W, D) volume, or a (C, H, W) image, on the model grid.
+
+        A diffusion residual is standardised with the statistics of ``calibration`` (default:
+        the model's calibration entry for these settings) when it has them.
+        """
         if volume.ndim == 3:  # a 2D image: one slice along the model's slice axis
-            result = self.score_grid(volume.unsqueeze(self.cfg.data.slice_axis + 1), progress)
+            result = self.score_grid(volume.unsqueeze(self.cfg.data.slice_axis + 1), progress,
+                                     calibration)
             axis = self.cfg.data.slice_axis
             for name in ("image", "recon", "anomaly_map", "foreground"):
                 value = getattr(result, name)
@@ -117,30 +132,53 @@ class AnomalyDetector:
             return result
         image = np.asarray(volume[0], dtype=np.float32)
         fg = foreground_mask(image, self.cfg.data.foreground_threshold)
-        recon = None
+        recon = residual = None
         method = self.settings.method
         if method == "diffusion":
             if self.cfg.data.spatial_dims == 2:
-                raw, recon = slice_residuals(self.model.net, volume, fg, self.cfg, self.schedule,
-                                             self.settings, self.device, progress)
+                residual, recon = slice_residuals(self.model.net, volume, fg, self.cfg,
+                                                  self.schedule, self.settings, self.device,
+                                                  progress)
             else:
-                raw, recon = volume_residuals(self.model.net, volume, self.schedule,
-                                              self.settings, self.device)
+                residual, recon = volume_residuals(self.model.net, volume, self.schedule,
+                                                   self.settings, self.device)
+            raw = residual
         elif method == "zscore":
             raw = baselines.zscore_map(image, self.zscore_stats())
         else:
             raw = baselines.threshold_map(image, fg)
-        amap = postprocess(raw, fg, self.settings.median_kernel)
-        stats = {"foreground_fraction": float(fg.mean()),
-                 "mean_intensity": float(image[fg].mean()) if fg.any() else 0.0,
-                 "mean_map": float(amap[fg].mean()) if fg.any() else 0.0}
-        score = scan_score(amap, fg, self.settings.score_top_fraction)
-        return GridResult(image, recon, amap, fg, score, stats)
+        grid = GridResult(image, recon, raw, fg, 0.0, residual=residual)
+        return self.finish_grid(grid, self.residual_stats(calibration))
+
+    def finish_grid(self, grid: GridResult, residual_stats: dict | None) -> GridResult:
+        """Standardise the residual (when stats are given), filter, mask, score; in place."""
+        raw = grid.anomaly_map
+        if grid.residual is not None:
+            raw = grid.residual
+            if residual_stats:
+                raw = baselines.zscore_map(raw, residual_stats, floor=RESIDUAL_FLOOR,
+                                           one_sided=True)
+        fg, image = grid.foreground, grid.image
+        grid.anomaly_map = postprocess(raw, fg, self.settings.median_kernel)
+        grid.stats = {"foreground_fraction": float(fg.mean()),
+                      "mean_intensity": float(image[fg].mean()) if fg.any() else 0.0,
+                      "mean_map": float(grid.anomaly_map[fg].mean()) if fg.any() else 0.0}
+        grid.score = scan_score(grid.anomaly_map, fg, self.settings.score_top_fraction)
+        return grid
 
     def zscore_stats(self) -> dict[str, np.ndarray]:
         if self._zscore is None:
-            self._zscore = baselines.load_zscore(self.model.folder)
+            self._zscore = baselines.load_stats(self.model.folder)
         return self._zscore
+
+    def residual_stats(self, calibration: dict | None = None) -> dict[str, np.ndarray] | None:
+        """The healthy residual statistics a calibration entry stored, if any."""
+        if self.settings.method != "diffusion" or not self.settings.standardise:
+            return None
+        if self._residual_stats is None:
+            name = (calibration or self.calibration() or {}).get("residual_stats")
+            self._residual_stats = baselines.load_stats(self.model.folder, name) if name else {}
+        return self._residual_stats
 
     def preprocess(self, path: Path):
         validate_input(path)
@@ -171,7 +209,7 @@ class AnomalyDetector:
         path = Path(path)
         pipeline, data = self.preprocess(path)
         volume = data["image"]
-        grid = self.score_grid(volume.as_tensor(), progress)
+        grid = self.score_grid(volume.as_tensor(), progress, calibration)
         data["anomaly"] = MetaTensor(torch.from_numpy(grid.anomaly_map[None]), meta=volume.meta,
                                      applied_operations=volume.applied_operations)
         amap, affine = invert_to_input(pipeline, data, "anomaly")
@@ -237,12 +275,19 @@ def calibrate(model_dir: str | Path, data_dir: str | Path, device: str = "auto",
                                              **(overrides if method == "diffusion" else {}))
         detector = AnomalyDetector(model, settings, select_device(device))
         detector._zscore = stats
+        detector._residual_stats = {}  # raw residuals: the statistics are fitted below
         grids = []
         for i, item in enumerate(val_volumes):
             grids.append(detector.score_grid(torch.as_tensor(item["image"]).as_subclass(torch.Tensor)))
             if progress:
                 progress(method, i + 1, len(val_volumes))
-        entries.append(_calibration_entry(settings, grids, cfg.anomaly))
+        residual_stats = standardise_healthy(detector, grids)
+        entry = _calibration_entry(settings, grids, cfg.anomaly)
+        if residual_stats is not None:
+            entry["residual_stats"] = baselines.save_stats(
+                residual_stats, folder, f"residual_stats_{_key_digest(entry['settings'])}"
+                                        ".safetensors")
+        entries.append(entry)
         if method == "diffusion":
             ood = _ood_ranges(grids)
     calibration = {"target_fpr": cfg.anomaly.target_fpr, "scan_fpr": cfg.anomaly.scan_fpr,
@@ -256,8 +301,35 @@ def fit_zscore_baseline(model: LoadedModel, data_dir: str | Path) -> dict[str, n
     train = read_split(data_dir, "training")
     volumes = cached_volumes(model.config.data, [{"image": e["image"]} for e in train])
     stats = baselines.fit_zscore([np.asarray(v["image"][0]) for v in volumes])
-    baselines.save_zscore(stats, model.folder)
+    baselines.save_stats(stats, model.folder)
     return stats
+
+
+def standardise_healthy(detector: AnomalyDetector, grids: list[GridResult]) -> dict | None:
+    """Fit the residual statistics on healthy scans' grids (returned, for new scans) and finish
+    each grid with the statistics of the *other* scans (leave one out), so that thresholds are
+    chosen on maps made exactly as a new scan's map is. None when the settings do not
+    standardise or there are too few scans (the maps then stay raw residuals)."""
+    residuals = [g.residual for g in grids]
+    if not detector.settings.standardise or any(r is None for r in residuals):
+        return None
+    if len(residuals) < MIN_STANDARDISE_SCANS:
+        log.warning("residual standardisation needs at least %d healthy validation scans, got "
+                    "%d: the maps stay raw residuals", MIN_STANDARDISE_SCANS, len(residuals))
+        return None
+    # scans may differ in depth along a 2D model's free slice axis: centre-pad or crop to one
+    residuals = [baselines.fit_shape(r, residuals[0].shape) for r in residuals]
+    for i, grid in enumerate(grids):
+        others = residuals[:i] + residuals[i + 1:]
+        detector.finish_grid(grid, baselines.fit_zscore(others, smooth=RESIDUAL_SMOOTH))
+    return baselines.fit_zscore(residuals, smooth=RESIDUAL_SMOOTH)
+
+
+def _key_digest(key: dict) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _calibration_entry(settings: ScoreSettings, grids: list[GridResult], acfg) -> dict:

@@ -5,6 +5,9 @@
 - Intensity thresholding (Meissen et al. 2021, "Challenging current semi-supervised anomaly
   segmentation methods for brain MRI"): the map is the histogram-equalised intensity inside the
   foreground, so bright voxels score high.
+
+The voxel-wise statistics are also what the diffusion method standardises its residual maps with
+(``medidiff.api``): the same fit, stored the same way, fitted on healthy residual maps.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.transforms import ResizeWithPadOrCrop
+from scipy import ndimage
 from skimage import exposure
 
 from medidiff.data.io import atomic_write_bytes
@@ -22,23 +26,33 @@ from medidiff.errors import ModelFolderError
 ZSCORE_FILE = "baseline_zscore.safetensors"
 
 
-def fit_zscore(volumes: list[np.ndarray]) -> dict[str, np.ndarray]:
-    """Voxel-wise mean and std over healthy volumes already on the model grid."""
+def fit_zscore(volumes: list[np.ndarray], smooth: float = 0.0) -> dict[str, np.ndarray]:
+    """Voxel-wise mean and std over healthy volumes already on the model grid.
+
+    ``smooth``: sigma (voxels) of a Gaussian applied to both, which steadies estimates from a
+    handful of scans.
+    """
     stack = np.stack([np.asarray(v, np.float32) for v in volumes])
-    return {"mean": stack.mean(axis=0), "std": stack.std(axis=0)}
+    stats = {"mean": stack.mean(axis=0), "std": stack.std(axis=0)}
+    if smooth > 0:
+        stats = {k: ndimage.gaussian_filter(v, smooth).astype(np.float32) for k, v in stats.items()}
+    return stats
 
 
-def zscore_map(volume: np.ndarray, stats: dict[str, np.ndarray], floor: float = 0.02) -> np.ndarray:
+def zscore_map(volume: np.ndarray, stats: dict[str, np.ndarray], floor: float = 0.02,
+               one_sided: bool = False) -> np.ndarray:
     """|x - mean| / max(std, floor): the std floor keeps empty background voxels from exploding.
 
-    A scan whose grid differs from the training grid along the free slice axis gets the
-    statistics centre-cropped or padded to its shape, as the preprocessing pads and crops.
+    ``one_sided`` keeps only excesses, max(x - mean, 0): a residual smaller than the healthy
+    scans' is no anomaly. A scan whose grid differs from the training grid along the free slice
+    axis gets the statistics centre-cropped or padded to its shape, as the preprocessing does.
     """
-    mean, std = (_fit_shape(stats[k], volume.shape) for k in ("mean", "std"))
-    return (np.abs(volume - mean) / np.maximum(std, floor)).astype(np.float32)
+    mean, std = (fit_shape(stats[k], volume.shape) for k in ("mean", "std"))
+    excess = np.maximum(volume - mean, 0.0) if one_sided else np.abs(volume - mean)
+    return (excess / np.maximum(std, floor)).astype(np.float32)
 
 
-def _fit_shape(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def fit_shape(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     if array.shape == tuple(shape):
         return array
     resize = ResizeWithPadOrCrop(spatial_size=shape)
@@ -54,23 +68,29 @@ def threshold_map(volume: np.ndarray, foreground: np.ndarray) -> np.ndarray:
     return out
 
 
-def save_zscore(stats: dict[str, np.ndarray], folder: Path) -> str:
+def save_stats(stats: dict[str, np.ndarray], folder: Path, name: str = ZSCORE_FILE) -> str:
+    """Write voxel-wise statistics into the model folder (safetensors, atomically)."""
     from safetensors.torch import save
 
     data = save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in stats.items()})
-    atomic_write_bytes(folder / ZSCORE_FILE, data)
-    return ZSCORE_FILE
+    atomic_write_bytes(folder / name, data)
+    return name
 
 
-def load_zscore(folder: Path) -> dict[str, np.ndarray]:
+def load_stats(folder: Path, name: str = ZSCORE_FILE) -> dict[str, np.ndarray]:
+    """Read voxel-wise statistics from the model folder (never unpickles)."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
-    path = folder / ZSCORE_FILE
+    if "/" in name or "\\" in name or name.startswith("."):
+        raise ModelFolderError(folder, f"names a statistics file outside the folder: {name!r}")
+    path = folder / name
     if not path.is_file():
-        raise ModelFolderError(folder, "has no z-score statistics; run 'medidiff anomaly calibrate'")
+        raise ModelFolderError(folder, f"has no {name}; run 'medidiff anomaly calibrate'")
     try:
         tensors = load(path.read_bytes())
     except (SafetensorError, ValueError):
         raise ModelFolderError(path, "is not a readable safetensors file") from None
+    if set(tensors) != {"mean", "std"} or tensors["mean"].shape != tensors["std"].shape:
+        raise ModelFolderError(path, "does not hold voxel-wise 'mean' and 'std' of one shape")
     return {k: v.numpy() for k, v in tensors.items()}

@@ -88,6 +88,11 @@ class TrainConfig(_Section):
     num_workers: int = Field(default=0, ge=0)
     device: str = "auto"
     max_minutes: float | None = Field(default=None, gt=0)
+    max_timestep: int | None = Field(
+        default=None, ge=1,
+        description="train on timesteps below this only (a model that is only ever used from "
+                    "partial noise, like an anomaly model scored at t <= 350, spends all its "
+                    "capacity where it is used; it cannot sample from pure noise)")
 
 
 class AnomalyConfig(_Section):
@@ -99,6 +104,12 @@ class AnomalyConfig(_Section):
     draws: int = Field(default=2, ge=1)
     eta: float = Field(default=1.0, ge=0.0, le=1.0)
     median_kernel: int = Field(default=5, ge=1)
+    standardise: bool = Field(
+        default=True,
+        description="divide the residual voxel-wise by its spread over the healthy validation "
+                    "scans (after subtracting their mean), so that places every reconstruction "
+                    "misses, such as cortical folds, stop looking anomalous; needs scans in a "
+                    "common space, as the z-score baseline, and at least 3 validation scans")
     score_top_fraction: float = Field(default=0.01, gt=0, le=1)
     target_fpr: float = Field(default=0.01, gt=0, lt=1)
     scan_fpr: float = Field(default=0.05, gt=0, lt=1)

@@ -120,8 +120,11 @@ def preview_grid(trainer, count: int = 4, steps: int = 20) -> np.ndarray | None:
     condition = None if inputs.condition is None else inputs.condition.to(trainer.device)
     labels = None if inputs.class_labels is None else inputs.class_labels.to(trainer.device)
     shape = inputs.target.shape
-    t_start = trainer.schedule.num_train_timesteps - 1
-    x = torch.randn(shape, generator=generator).to(trainer.device)
+    t_start = trainer.max_timestep - 1
+    x = torch.randn(shape, generator=generator)
+    if t_start < trainer.schedule.num_train_timesteps - 1:  # reconstruct from partial noise
+        x = trainer.schedule.add_noise(inputs.target, x, torch.full((shape[0],), t_start, dtype=torch.long))
+    x = x.to(trainer.device)
     timesteps = timestep_schedule(t_start, steps, spacing="logsnr", schedule=trainer.schedule)
     sample = get_sampler("dpmpp2m")(model_fn(net, condition, labels), x, timesteps,
                                     trainer.schedule, generator=generator, clip=True)

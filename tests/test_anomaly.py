@@ -161,3 +161,72 @@ def test_png_slice_is_scored_by_a_2d_model(tiny_model, example_data, tmp_path):
     amap = nib.load(out / "slice_anomaly.nii.gz")
     assert amap.shape == Image.open(png).size  # MONAI's PIL reader puts width first
     assert (out / "slice.png").is_file()
+
+
+def _grid(residual: np.ndarray):
+    from medidiff.api import GridResult
+
+    residual = residual.astype(np.float32)
+    shape = residual.shape
+    return GridResult(np.full(shape, 0.5, np.float32), None, residual.copy(),
+                      np.ones(shape, bool), 0.0, residual=residual)
+
+
+def test_standardisation_discounts_what_every_healthy_reconstruction_misses(tiny_model):
+    from medidiff import baselines
+    from medidiff.api import RESIDUAL_FLOOR, RESIDUAL_SMOOTH, standardise_healthy
+    from medidiff.tasks.anomaly import postprocess
+
+    detector = AnomalyDetector.load(tiny_model, device="cpu")
+    rng = np.random.default_rng(0)
+    shape = (20, 20, 10)
+    fold = np.zeros(shape)
+    fold[2:7] = 0.5  # every healthy reconstruction misses here (a cortical fold, say)
+    lesion = np.zeros(shape)
+    lesion[12:17, 12:17, 3:8] = 0.3  # smaller than the fold's residual, but new
+
+    def residual(extra=0.0):
+        return 0.02 * rng.random(shape) + fold * rng.uniform(0.9, 1.1) + extra
+
+    healthy = [_grid(residual()) for _ in range(4)]
+    stats = standardise_healthy(detector, healthy)
+    raw = detector.finish_grid(_grid(residual(lesion)), None)
+    standardised = detector.finish_grid(_grid(residual(lesion)), stats)
+    assert raw.anomaly_map[4, 10, 5] > raw.anomaly_map[14, 14, 5]
+    assert standardised.anomaly_map[14, 14, 5] > 5 * standardised.anomaly_map[4, 10, 5]
+    # each healthy grid was standardised by the other three (leave one out), not by itself
+    others = baselines.fit_zscore([g.residual for g in healthy[1:]], smooth=RESIDUAL_SMOOTH)
+    expect = postprocess(baselines.zscore_map(healthy[0].residual, others, floor=RESIDUAL_FLOOR,
+                                              one_sided=True),
+                         healthy[0].foreground, detector.settings.median_kernel)
+    np.testing.assert_allclose(healthy[0].anomaly_map, expect, rtol=1e-6)
+    assert standardise_healthy(detector, [_grid(residual()) for _ in range(2)]) is None
+
+
+def test_calibration_stores_residual_statistics_that_scoring_uses(tiny_model, example_data,
+                                                                  tmp_path):
+    from medidiff.api import calibrate
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    data = tmp_path / "data"
+    data.mkdir()
+    listing = json.loads((example_data / "dataset.json").read_text())
+    training = [{"image": str((example_data / e["image"]).resolve())} for e in listing["training"]]
+    listing.update(training=training, validation=training[:3])  # three healthy scans
+    (data / "dataset.json").write_text(json.dumps(listing))
+    calibration = calibrate(model, data, device="cpu", methods=("diffusion",), draws=1)
+    entry = calibration["entries"][0]
+    assert entry["settings"]["standardise"] is True
+    stats_file = model / entry["residual_stats"]
+    assert stats_file.is_file() and stats_file.parent == model
+    detector = AnomalyDetector.load(model, device="cpu", draws=1)
+    stats = detector.residual_stats()
+    assert set(stats) == {"mean", "std"} and stats["mean"].min() >= 0
+    scan = _test_scans(example_data)[0]
+    standardised = detector.score_file(scan).anomaly_map
+    raw = AnomalyDetector.load(model, device="cpu", draws=1, standardise=False)
+    assert not np.allclose(raw.score_file(scan).anomaly_map, standardised)
+    stats_file.write_bytes(b"not safetensors")
+    with pytest.raises(ModelFolderError, match="safetensors"):
+        AnomalyDetector.load(model, device="cpu", draws=1).score_file(scan)

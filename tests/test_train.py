@@ -82,3 +82,28 @@ def test_3d_tiny_trains(tmp_path, example_data):
     assert result.steps == 10 and np.isfinite(result.final_loss)
     meta = yaml.safe_load((out / "model.yaml").read_text())
     assert meta["config"]["data"]["spatial_dims"] == 3
+
+
+def test_max_timestep_limits_the_training_noise_and_the_scoring_levels(tmp_path, example_data,
+                                                                       tiny_model):
+    from medidiff.api import AnomalyDetector
+    from medidiff.errors import ConfigError
+    from medidiff.models.folder import load_model
+    from medidiff.tasks.anomaly import ScoreSettings
+
+    cfg = load_config(TINY, ["train.steps=3", "train.max_timestep=40", "train.sample_every=3"])
+    trainer = Trainer(cfg, example_data, tmp_path / "limited")
+    seen = []
+    trainer.net.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["timesteps"].clone()), with_kwargs=True)
+    trainer.run()
+    drawn = torch.cat(seen[:3])  # the training steps (the preview runs afterwards)
+    assert drawn.max() < 40 and drawn.numel() == 3 * cfg.train.batch_size
+
+    model = load_model(tiny_model, task="anomaly")
+    model.config.train.max_timestep = 200
+    with pytest.raises(ConfigError, match="noise_level"):
+        AnomalyDetector(model, ScoreSettings.from_config(model.config.anomaly, noise_levels=(250,)),
+                        torch.device("cpu"))
+    AnomalyDetector(model, ScoreSettings.from_config(model.config.anomaly, noise_levels=(150,)),
+                    torch.device("cpu"))

@@ -42,15 +42,19 @@ def settings_options(func):
                      help="DDIM stochasticity (ddim sampler only)."),
         click.option("--batch-size", type=click.IntRange(min=1), default=None,
                      help="Slices per network batch (draws included)."),
+        click.option("--standardise/--no-standardise", default=None,
+                     help="Divide the residual voxel-wise by its spread over the healthy "
+                          "validation scans (needs scans in a common space) [default: the "
+                          "model's, on]."),
     ]
     for option in reversed(options):
         func = option(func)
     return func
 
 
-def overrides_from(sampler, steps, noise_levels, draws, eta, batch_size) -> dict:
+def overrides_from(sampler, steps, noise_levels, draws, eta, batch_size, standardise) -> dict:
     return {"sampler": sampler, "steps": steps, "noise_levels": noise_levels or None,
-            "draws": draws, "eta": eta, "batch_size": batch_size}
+            "draws": draws, "eta": eta, "batch_size": batch_size, "standardise": standardise}
 
 
 @anomaly.command("score")
@@ -62,7 +66,7 @@ def overrides_from(sampler, steps, noise_levels, draws, eta, batch_size) -> dict
 @sharding_options
 @tracking_options
 def score(model_dir, out_dir, inputs, method, sampler, steps, noise_levels, draws, eta,
-          batch_size, part_id, num_parts, overwrite, device, experiment, tracking_uri,
+          batch_size, standardise, part_id, num_parts, overwrite, device, experiment, tracking_uri,
           no_tracking) -> None:
     """Score INPUT scans (NIfTI, DICOM series folders, or folders of them).
 
@@ -74,7 +78,7 @@ def score(model_dir, out_dir, inputs, method, sampler, steps, noise_levels, draw
 
     detector = AnomalyDetector.load(
         model_dir, device=device, method=method,
-        **overrides_from(sampler, steps, noise_levels, draws, eta, batch_size))
+        **overrides_from(sampler, steps, noise_levels, draws, eta, batch_size, standardise))
     paths, failed = collect_inputs(inputs)
     paths = shard(paths, part_id, num_parts)
     tracker = make_tracker(experiment, tracking_uri, no_tracking)
@@ -134,8 +138,10 @@ def score_cases(detector, paths, out_dir: Path, overwrite: bool, tracker, run_na
 
 
 def fallback_calibration(detector) -> dict | None:
+    """An entry of the same method, one that standardises as these settings do first."""
     entries = [e for e in detector.model.calibration.get("entries", [])
                if e["settings"].get("method") == detector.settings.method]
+    entries.sort(key=lambda e: e["settings"].get("standardise") != detector.settings.standardise)
     return entries[0] if entries else None
 
 
@@ -172,7 +178,7 @@ def run_calibration(model_dir, data_dir, tracker, device: str = "auto", nested: 
 @settings_options
 @tracking_options
 def calibrate_cmd(model_dir, data_dir, device, method, sampler, steps, noise_levels, draws, eta,
-                  batch_size, experiment, tracking_uri, no_tracking) -> None:
+                  batch_size, standardise, experiment, tracking_uri, no_tracking) -> None:
     """Choose the voxel and scan thresholds on healthy validation scans (never on test labels).
 
     Calibrates the diffusion method with the given settings and both baselines; the
@@ -181,7 +187,8 @@ def calibrate_cmd(model_dir, data_dir, device, method, sampler, steps, noise_lev
     tracker = make_tracker(experiment, tracking_uri, no_tracking)
     terminate_as_interrupt()
     run_calibration(model_dir, data_dir, tracker, device=device,
-                    overrides=overrides_from(sampler, steps, noise_levels, draws, eta, batch_size))
+                    overrides=overrides_from(sampler, steps, noise_levels, draws, eta, batch_size,
+                                             standardise))
 
 
 @anomaly.command("evaluate")

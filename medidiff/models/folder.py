@@ -121,6 +121,7 @@ class _CalibrationEntry(_Strict):
     settings: dict[str, Any]
     voxel_threshold: float | None = None
     scan_threshold: float | None = None
+    residual_stats: str | None = None
 
 
 class _Calibration(_Strict):

@@ -41,6 +41,7 @@ class ScoreSettings:
     draws: int = 2
     eta: float = 1.0
     median_kernel: int = 5
+    standardise: bool = True
     score_top_fraction: float = 0.01
     batch_size: int = 32
     seed: int = 0
@@ -50,6 +51,7 @@ class ScoreSettings:
     def from_config(cls, cfg: AnomalyConfig, **overrides) -> ScoreSettings:
         base = cls(sampler=cfg.sampler, noise_levels=tuple(cfg.noise_levels), steps=cfg.steps,
                    draws=cfg.draws, eta=cfg.eta, median_kernel=cfg.median_kernel,
+                   standardise=cfg.standardise,
                    score_top_fraction=cfg.score_top_fraction, batch_size=cfg.batch_size,
                    seed=cfg.seed)
         given = {k: v for k, v in overrides.items() if v is not None}
@@ -75,6 +77,7 @@ class ScoreSettings:
         return {"method": self.method, "sampler": self.sampler,
                 "noise_levels": list(self.noise_levels), "steps": self.steps, "draws": self.draws,
                 "eta": self.eta, "median_kernel": self.median_kernel,
+                "standardise": self.standardise,
                 "nfe_per_slice": self.nfe_per_slice()}
 
 
