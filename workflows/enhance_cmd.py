@@ -123,7 +123,7 @@ def enhance_cases(enhancer, paths, out_dir: Path, suffix: str, overwrite: bool, 
 
     from medidiff.data.io import atomic_write_text
     from medidiff.enhance import enhance_figure, write_result
-    from medidiff.inference import merge_rows, run_cases
+    from medidiff.inference import run_cases
     from medidiff.report import save_png
 
     samples = enhancer.settings.samples
@@ -147,17 +147,16 @@ def enhance_cases(enhancer, paths, out_dir: Path, suffix: str, overwrite: bool, 
             figure = enhance_figure(result, enhancer.cfg.data.slice_axis)
             save_png(figure, out_dir / f"{case}.png")
             tracker.log_image(figure, key=f"montage/{case}")
-            row = {"case": case, "seconds": round(time.perf_counter() - started, 2),
-                   **{k: _cell(v) for k, v in result.info.items()}}
-            merge_rows(out_dir / f"{suffix}.csv", [row])
-            return row
+            return {"case": case, "seconds": round(time.perf_counter() - started, 2),
+                    **{k: _cell(v) for k, v in result.info.items()}}
 
         def on_case(outcome) -> None:
             bar.update(1)
             if outcome.status == "failed":
                 echo(f"error: {outcome.message}")
 
-        outcomes = run_cases(paths, out_dir, outputs, process, overwrite, on_case)
+        outcomes = run_cases(paths, out_dir, outputs, process, overwrite, on_case,
+                             table=f"{suffix}.csv")
         done = [o for o in outcomes if o.status == "done"]
         tracker.log_metrics({"done": len(done),
                              "failed": sum(o.status == "failed" for o in outcomes)})

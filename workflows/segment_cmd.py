@@ -73,7 +73,7 @@ def segment(model_dir, out_dir, inputs, samples, steps, sampler, eta, fusion, re
 def segment_cases(segmenter, paths, out_dir: Path, overwrite: bool, tracker, save_prob: bool,
                   label_dir: Path | None):
     """Segment files into ``out_dir`` under one MLflow run; returns the per-case outcomes."""
-    from medidiff.inference import merge_rows, run_cases
+    from medidiff.inference import run_cases
     from medidiff.report import save_png
     from medidiff.segment import segment_figure, write_result
 
@@ -94,13 +94,11 @@ def segment_cases(segmenter, paths, out_dir: Path, overwrite: bool, tracker, sav
             write_result(result, out_dir, case, save_prob)
             figure = segment_figure(result.grid)
             tracker.log_image(figure, key=f"overlay/{case}")
-            row = case_row(segmenter, case, result, reference)
             save_png(figure, out_dir / f"{case}.png")
-            merge_rows(out_dir / "segment.csv", [row])
-            return row
+            return case_row(segmenter, case, result, reference)
 
         outcomes = run_cases(paths, out_dir, outputs, process, overwrite,
-                             lambda outcome: show_outcome(bar, outcome))
+                             lambda outcome: show_outcome(bar, outcome), table="segment.csv")
         log_summary(tracker, outcomes, out_dir)
     return outcomes
 
