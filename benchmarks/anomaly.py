@@ -38,13 +38,15 @@ from medidiff.tasks.anomaly import ScoreSettings  # noqa: E402
 SETTINGS = {
     "zscore": dict(method="zscore"),
     "threshold": dict(method="threshold"),
-    "reference": dict(sampler="ddpm", noise_levels=(250,), steps=250, draws=1, standardise=False),
-    "reference-std": dict(sampler="ddpm", noise_levels=(250,), steps=250, draws=1),
+    "reference": dict(sampler="ddpm", noise_levels=(250,), steps=250, draws=1),
     "ddim10": dict(sampler="ddim", noise_levels=(250,), steps=10, draws=1),
     "ddim10-x2": dict(sampler="ddim", noise_levels=(250,), steps=10, draws=2),
     "ddim10-eta1-x2": dict(sampler="ddim", noise_levels=(250,), steps=10, draws=2, eta=1.0),
-    "ddim10-eta1-x2-raw": dict(sampler="ddim", noise_levels=(250,), steps=10, draws=2, eta=1.0,
-                               standardise=False),
+    "ddim10-eta1-x2-t150": dict(sampler="ddim", noise_levels=(150,), steps=10, draws=2, eta=1.0),
+    "ddim10-eta1-x2-t350": dict(sampler="ddim", noise_levels=(350,), steps=10, draws=2, eta=1.0),
+    "ddim5-eta1-x4": dict(sampler="ddim", noise_levels=(250,), steps=5, draws=4, eta=1.0),
+    "ddim5-eta1-x2": dict(sampler="ddim", noise_levels=(250,), steps=5, draws=2, eta=1.0),
+    "ddim10-eta1-x1": dict(sampler="ddim", noise_levels=(250,), steps=10, draws=1, eta=1.0),
     "x0-t250-x1": dict(sampler="x0", noise_levels=(250,), steps=1, draws=1),
     "x0-t250-x10": dict(sampler="x0", noise_levels=(250,), steps=1, draws=10),
     "x0-3lvl-x2": dict(sampler="x0", noise_levels=(150, 250, 350), steps=1, draws=2),
@@ -55,13 +57,15 @@ SETTINGS = {
 DEFAULT = ScoreSettings.from_config(AnomalyConfig()).describe()
 
 
-def ensure_data_and_model(data: Path, model: Path, preset: str) -> None:
+def ensure_data_and_model(data: Path, model: Path, preset: str, train_set: list[str]) -> None:
     if not (data / "dataset.json").is_file():
         subprocess.run([sys.executable, "-m", "medidiff", "data", "example", str(data)], check=True)
     if not (model / "model.yaml").is_file():
         subprocess.run([sys.executable, "-m", "medidiff", "train",
                         str(REPO / "configs" / "anomaly" / f"{preset}.yaml"), "--data", str(data),
-                        "--out", str(model), "--no-tracking", *(["--resume"] if model.exists() else [])],
+                        "--out", str(model), "--no-tracking",
+                        *[arg for item in train_set for arg in ("--set", item)],
+                        *(["--resume"] if model.exists() else [])],
                        check=True)
 
 
@@ -97,41 +101,57 @@ def score(detector, item: dict, stats):
     return detector.score_grid(torch.as_tensor(item["image"]).as_subclass(torch.Tensor))
 
 
-def run_setting(model, name: str, val, test, device) -> dict:
+def run_setting(model, name: str, val, test, device) -> list[dict]:
+    """Calibrate on ``val``, score ``test``. A diffusion setting gives two results from the same
+    reconstructions: the standardised map (medidiff's) and the raw residual (AnoDDPM's)."""
     settings = ScoreSettings.from_config(model.config.anomaly, **SETTINGS[name])
     detector = AnomalyDetector(model, settings, device)
     stats = detector.zscore_stats() if settings.method == "zscore" else None
-    detector._residual_stats = {}  # fitted on the validation scans below, as calibrate does
+    detector._residual_stats = {}  # raw residuals; standardised below as calibrate does
     grids = [score(detector, v, stats) for v in val]
-    detector._residual_stats = standardise_healthy(detector, grids) or {}
-    threshold = metrics.threshold_at_fpr([g.anomaly_map for g in grids], 0.01,
-                                         masks=[g.foreground for g in grids])
-    cases, seconds = [], []
+    maps = {"raw": [g.anomaly_map for g in grids]}
+    residual_stats = standardise_healthy(detector, grids)
+    if residual_stats is not None:
+        maps["standardised"] = [g.anomaly_map for g in grids]
+    foreground = [g.foreground for g in grids]
+    thresholds = {k: metrics.threshold_at_fpr(v, 0.01, masks=foreground) for k, v in maps.items()}
+    cases = {k: [] for k in maps}
+    seconds = []
     for item in test:
         started = time.perf_counter()
         grid = score(detector, item, stats)
         seconds.append(time.perf_counter() - started)
         label = np.asarray(item["mask"][0]) > 0.5
-        cases.append({"map": grid.anomaly_map, "label": label,
-                      "mask": grid.foreground | label, "score": grid.score})
-    result = metrics.evaluate_anomaly(cases, voxel_threshold=threshold)
-    result.update({"setting": name, "settings": settings.describe(),
-                   "nfe_per_slice": settings.nfe_per_slice(),
-                   "seconds_per_scan": float(np.mean(seconds)), "voxel_threshold": threshold})
-    return result
+        for kind in maps:
+            if kind == "standardised":
+                grid = detector.finish_grid(grid, residual_stats)
+            cases[kind].append({"map": grid.anomaly_map.copy(), "label": label,
+                                "mask": grid.foreground | label, "score": grid.score})
+    results = []
+    for kind in maps:
+        result = metrics.evaluate_anomaly(cases[kind], voxel_threshold=thresholds[kind])
+        described = {**settings.describe(), "standardise": kind == "standardised"}
+        label = name if settings.method != "diffusion" else f"{name} {kind}"
+        result.update({"setting": label, "settings": described, "map": kind,
+                       "nfe_per_slice": settings.nfe_per_slice(),
+                       "seconds_per_scan": float(np.mean(seconds)),
+                       "voxel_threshold": thresholds[kind]})
+        results.append(result)
+    return results
 
 
 def markdown(results: list[dict], header: str) -> str:
     lines = [header, "",
-             "| setting | sampler | levels | steps | draws | NFE/slice | pooled AP | AUROC | "
+             "| setting | map | sampler | levels | steps | draws | NFE/slice | pooled AP | AUROC | "
              "Dice@cal | best Dice (oracle) | scan AUROC | s/scan |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         s = r["settings"]
         diffusion = s["method"] == "diffusion"
         name = f"**{r['setting']} (default)**" if s == DEFAULT else r["setting"]
         lines.append(
-            f"| {name} | {s['sampler'] if diffusion else s['method']} | "
+            f"| {name} | {r.get('map', '-') if diffusion else '-'} | "
+            f"{s['sampler'] if diffusion else s['method']} | "
             f"{','.join(map(str, s['noise_levels'])) if diffusion else '-'} | "
             f"{s['steps'] if diffusion else '-'} | {s['draws'] if diffusion else '-'} | "
             f"{r['nfe_per_slice']} | {r['pooled_ap']:.3f} | {r['pooled_auroc']:.3f} | "
@@ -145,6 +165,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=REPO / "benchmarks" / "work" / "data")
     parser.add_argument("--model", type=Path, default=REPO / "benchmarks" / "work" / "model")
     parser.add_argument("--preset", default="cpu-small")
+    parser.add_argument("--train-set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides for training the model when it is missing")
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--max-val", type=int, default=None)
     parser.add_argument("--max-test", type=int, default=None)
@@ -158,7 +180,7 @@ def main() -> None:
 
     section = f"anomaly-slab{args.slab}" if args.slab else "anomaly"
     args.out = args.out or REPO / "benchmarks" / "results" / f"{section}.json"
-    ensure_data_and_model(args.data, args.model, args.preset)
+    ensure_data_and_model(args.data, args.model, args.preset, args.train_set)
     device = torch.device(args.device)
     model = load_model(args.model, task="anomaly", device=str(device))
     if not (args.model / ZSCORE_FILE).is_file():
@@ -168,15 +190,18 @@ def main() -> None:
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     for name in args.settings:
         started = time.perf_counter()
-        result = run_setting(model, name, val, test, device)
-        results[name] = result
-        print(f"{name:16s} AP {result['pooled_ap']:.3f}  Dice@cal {result['dice_at_threshold']:.3f}"
-              f"  scan AUROC {result.get('scan_auroc', float('nan')):.3f}  NFE "
-              f"{result['nfe_per_slice']:4d}  {result['seconds_per_scan']:.1f} s/scan "
-              f"({time.perf_counter() - started:.0f} s)", flush=True)
+        for result in run_setting(model, name, val, test, device):
+            results[result["setting"]] = result
+            print(f"{result['setting']:28s} AP {result['pooled_ap']:.3f}  Dice@cal "
+                  f"{result['dice_at_threshold']:.3f}  scan AUROC "
+                  f"{result.get('scan_auroc', float('nan')):.3f}  NFE "
+                  f"{result['nfe_per_slice']:4d}  {result['seconds_per_scan']:.1f} s/scan "
+                  f"({time.perf_counter() - started:.0f} s)", flush=True)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2, default=float) + "\n")
-    ordered = [results[k] for k in SETTINGS if k in results]
+    order = {name: i for i, name in enumerate(SETTINGS)}
+    ordered = sorted(results.values(), key=lambda r: (order.get(r["setting"].split()[0], 99),
+                                                      r.get("map") != "standardised"))
     header = (f"Machine: {machine()}. Model: `{args.model.name}` "
               f"({model.info.get('steps')} steps, {model.info.get('parameters')} parameters). "
               f"{len(val)} healthy validation scans for calibration, {len(test)} test scans "
