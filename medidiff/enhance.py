@@ -24,7 +24,7 @@ from monai.data import MetaTensor
 from monai.transforms import Orientation
 
 from medidiff.data import degrade
-from medidiff.data.io import save_nifti
+from medidiff.data.io import check_resampled_size, save_nifti
 from medidiff.data.transforms import foreground_mask, invert_to_input
 from medidiff.diffusion.samplers import get_sampler, nfe
 from medidiff.diffusion.schedule import NoiseSchedule
@@ -246,7 +246,10 @@ class SuperResolver(_Enhancer):
         path = Path(path)
         prep = prepare(path, self.cfg, resample_to=lambda spacing: self.plan(spacing, path)[1],
                        context=self.context)
-        factors, _ = self.plan(prep.spacing, path)
+        factors, pixdim = self.plan(prep.spacing, path)
+        # the finer grid must stay within the voxel limit (a huge scale or spacing would not)
+        check_resampled_size(path, prep.volume.shape[1:], pixdim,
+                             [p / f for p, f in zip(pixdim, factors, strict=True)])
         mean, std, info = self.super_resolve_grid(prep.volume, factors, progress)
         affine = fine_affine(np.asarray(prep.data["image"].affine), factors)
         image, out_affine = _reorient(unscale(mean.numpy(), prep), affine, prep.original_affine)

@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from monai.transforms import (
-    Compose,
     ResizeWithPadOrCropd,
     ScaleIntensityRange,
     ScaleIntensityRangePercentilesd,
@@ -28,7 +27,7 @@ from monai.transforms import (
 from medidiff.config import Config
 from medidiff.data import degrade
 from medidiff.data.io import check_voxels, reader_for, validate_input
-from medidiff.data.transforms import volume_transforms
+from medidiff.data.transforms import Chain, CheckResampledSized, volume_transforms
 from medidiff.diffusion.samplers import get_sampler, timestep_schedule
 from medidiff.diffusion.schedule import NoiseSchedule
 from medidiff.errors import InputError
@@ -43,7 +42,7 @@ Draw = Callable[[torch.Tensor], torch.Tensor]
 class Prepared:
     """A preprocessed scan: the MONAI data dict, the chain to invert, the intensity scaling."""
 
-    pipeline: Compose
+    pipeline: Chain
     data: dict
     low: float
     high: float
@@ -72,7 +71,7 @@ def prepare(path, cfg: Config, resample_to: Callable | None = None, context: int
     # NaN must be caught before resampling, which could step over it
     split = next((i for i, t in enumerate(chain) if isinstance(t, Spacingd)), len(chain))
     try:
-        data = Compose(chain[:split])({"image": str(path)})
+        data = Chain(chain[:split])({"image": str(path)})
     except InputError:
         raise
     except Exception as err:  # MONAI wraps reader errors in RuntimeError
@@ -82,17 +81,18 @@ def prepare(path, cfg: Config, resample_to: Callable | None = None, context: int
                                "expected a 3D scan")
     check_voxels(path, data["image"])
     spacing = [float(s) for s in data["image"].pixdim]
-    data = Compose(chain[split:])(data)
+    data = Chain(chain[split:])(data)
     if resample_to is not None:
         pixdim = resample_to(spacing)
         if not np.allclose(pixdim, spacing, rtol=1e-3):
-            data = Spacingd(keys="image", pixdim=pixdim, mode="bilinear")(data)
+            data = Chain([CheckResampledSized("image", pixdim),
+                          Spacingd(keys="image", pixdim=pixdim, mode="bilinear")])(data)
     _check_context(path, data["image"], cfg, context)
     low, high = (float(v) for v in np.percentile(data["image"].numpy(), cfg.data.intensity_percentiles))
     if high <= low:
         high = float(data["image"].max())
     data["image"] = ScaleIntensityRange(low, high, 0.0, 1.0, clip=True)(data["image"])
-    return Prepared(Compose(chain), data, low, high, spacing)
+    return Prepared(Chain(chain), data, low, high, spacing)
 
 
 def _check_context(path, image: torch.Tensor, cfg: Config, context: int) -> None:

@@ -315,3 +315,13 @@ def test_model_of_another_task_is_refused(denoise_model, superres_model, example
     _one_line_error(code, err, "holds a 'denoise' model")
     with pytest.raises(ModelFolderError, match="'superres' model"):
         Denoiser.load(superres_model, device="cpu")
+
+
+def test_super_resolution_refuses_a_grid_beyond_the_voxel_limit(superres_model, tmp_path):
+    scan = tmp_path / "coarse.nii.gz"
+    image = np.random.default_rng(0).random((24, 24, 24)).astype(np.float32)
+    nib.save(nib.Nifti1Image(image, np.diag([8.0, 8.0, 8.0, 1.0])), scan)
+    code, _, err = run_cli("super-resolve", "--model", str(superres_model), "--out",
+                           str(tmp_path / "out"), "--scale", "500", str(scan))
+    assert code == 2 and "the limit is" in err.splitlines()[0] and "Traceback" not in err, err
+    assert not (tmp_path / "out" / "coarse_sr.nii.gz").exists()
