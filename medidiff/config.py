@@ -117,7 +117,20 @@ class AnomalyConfig(_Section):
     seed: int = 0
 
 
-class DenoiseConfig(_Section):
+class _EnhanceConfig(_Section):
+    """What denoising and super-resolution share: 2D slice context, intensity jitter, sampling."""
+
+    context: int = Field(default=0, ge=0, description="2D: neighbour slices on each side")
+    intensity_jitter: float = Field(default=0.2, ge=0.0, lt=1.0)
+    sampler: Literal["ddpm", "ddim", "dpmpp2m", "x0"] = "ddim"
+    steps: int = Field(default=10, ge=1)
+    eta: float = Field(default=0.0, ge=0.0, le=1.0)
+    samples: int = Field(default=1, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+    seed: int = 0
+
+
+class DenoiseConfig(_EnhanceConfig):
     """Conditional denoising: the noisy scan (with its neighbour slices in 2D) is the condition.
 
     Training degrades clean scans on the fly: ``noise`` kinds drawn per example, sigma uniform
@@ -131,13 +144,6 @@ class DenoiseConfig(_Section):
     foreground_only: float = Field(default=0.5, ge=0.0, le=1.0,
                                    description="fraction of examples with noise in the head only")
     context: int = Field(default=1, ge=0, description="2D: neighbour slices on each side")
-    intensity_jitter: float = Field(default=0.2, ge=0.0, lt=1.0)
-    sampler: Literal["ddpm", "ddim", "dpmpp2m", "x0"] = "ddim"
-    steps: int = Field(default=10, ge=1)
-    eta: float = Field(default=0.0, ge=0.0, le=1.0)
-    samples: int = Field(default=1, ge=1)
-    batch_size: int = Field(default=32, ge=1)
-    seed: int = 0
 
     @model_validator(mode="before")
     @classmethod
@@ -156,7 +162,7 @@ class DenoiseConfig(_Section):
         return self
 
 
-class SuperResConfig(_Section):
+class SuperResConfig(_EnhanceConfig):
     """Conditional super-resolution (SR3): the interpolated low-resolution scan is the condition.
 
     Training averages ``scales``-fold along the super-resolved axes (in-plane for 2D models,
@@ -166,14 +172,6 @@ class SuperResConfig(_Section):
 
     scales: list[int] = Field(default_factory=lambda: [2, 4])
     axes: list[Literal[0, 1, 2]] | None = None
-    context: int = Field(default=0, ge=0, description="2D: neighbour slices on each side")
-    intensity_jitter: float = Field(default=0.2, ge=0.0, lt=1.0)
-    sampler: Literal["ddpm", "ddim", "dpmpp2m", "x0"] = "ddim"
-    steps: int = Field(default=10, ge=1)
-    eta: float = Field(default=0.0, ge=0.0, le=1.0)
-    samples: int = Field(default=1, ge=1)
-    batch_size: int = Field(default=32, ge=1)
-    seed: int = 0
 
     @model_validator(mode="after")
     def _check_scales(self) -> SuperResConfig:

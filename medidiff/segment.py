@@ -242,7 +242,8 @@ def segment_figure(grid: SegmentGrid, axis: int = 2, count: int = 3) -> np.ndarr
                         .any(axis=1))[0]
     low, high = (inside.min(), inside.max()) if inside.size else (0, grid.labels.shape[axis] - 1)
     picks = np.linspace(low, high, count + 2)[1:-1].round().astype(int)
-    vmax = float(max(grid.uncertainty.max(), 1e-6))
+    inside_labels = grid.uncertainty[grid.labels > 0]
+    vmax = float(max(np.percentile(inside_labels, 99) if inside_labels.size else 0.0, 1e-6))
     rows = []
     for index in picks:
         image = np.take(grid.image, index, axis=axis)
