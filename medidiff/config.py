@@ -7,13 +7,17 @@ name the key (``ConfigError``).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from medidiff.data.io import MAX_VOXELS as MAX_GRID_VOXELS
 from medidiff.errors import ConfigError, InputError
+
+MAX_DRAWS = 256  # noise draws or samples per scan: more only costs time (and batch memory)
 
 TaskName = Literal["anomaly", "denoise", "superres", "segment"]
 
@@ -47,6 +51,9 @@ class DataConfig(_Section):
             raise ValueError(f"data.patch needs {want} numbers")
         if any(s <= 0 for s in self.size) or any(s <= 0 for s in (self.spacing or [1])):
             raise ValueError("data.size and data.spacing must be positive")
+        for name, shape in (("size", self.size), ("patch", self.patch or [1])):
+            if math.prod(shape) > MAX_GRID_VOXELS:  # a model.yaml must not make us allocate this
+                raise ValueError(f"data.{name} {shape} exceeds {MAX_GRID_VOXELS} voxels")
         return self
 
 
@@ -101,7 +108,7 @@ class AnomalyConfig(_Section):
     sampler: Literal["ddpm", "ddim", "dpmpp2m", "x0"] = "ddim"
     noise_levels: list[int] = Field(default_factory=lambda: [250])
     steps: int = Field(default=10, ge=1)
-    draws: int = Field(default=2, ge=1)
+    draws: int = Field(default=2, ge=1, le=MAX_DRAWS)
     eta: float = Field(default=1.0, ge=0.0, le=1.0)
     median_kernel: int = Field(default=5, ge=1)
     standardise: bool = Field(
@@ -125,7 +132,7 @@ class _EnhanceConfig(_Section):
     sampler: Literal["ddpm", "ddim", "dpmpp2m", "x0"] = "ddim"
     steps: int = Field(default=10, ge=1)
     eta: float = Field(default=0.0, ge=0.0, le=1.0)
-    samples: int = Field(default=1, ge=1)
+    samples: int = Field(default=1, ge=1, le=MAX_DRAWS)
     batch_size: int = Field(default=32, ge=1)
     seed: int = 0
 
@@ -195,7 +202,7 @@ class SegmentConfig(_Section):
     sampler: Literal["ddpm", "ddim", "dpmpp2m", "x0"] = "ddim"
     steps: int = Field(default=10, ge=1)
     eta: float = Field(default=0.0, ge=0.0, le=1.0)
-    samples: int = Field(default=5, ge=1)
+    samples: int = Field(default=5, ge=1, le=MAX_DRAWS)
     fusion: Literal["mean", "vote"] = "mean"
     resample: Literal["nearest", "linear"] = "nearest"
     batch_size: int = Field(default=32, ge=1)

@@ -501,6 +501,10 @@ def _set(key: str, value):
     ("weights.sha256", None, ["weights.sha256"]),
     ("calibration", {"entries": "not a list"}, ["calibration.entries"]),
     ("config.model.channels", [4096, 4096], ["do not fit the network"]),
+    ("config.data.size", [100000, 100000], ["data.size", "voxels"]),
+    ("config.anomaly.draws", 10**9, ["anomaly.draws"]),
+    ("calibration", {"entries": [{"settings": {}, "residual_stats": "../../etc/passwd"}]},
+     ["calibration.entries.0.residual_stats"]),
 ])
 def test_model_yaml_that_points_or_asks_elsewhere_is_refused(trusted, scan, tmp_path, key,
                                                               value, words):

@@ -16,6 +16,8 @@ from medidiff.workflows.common import (
     tracking_options,
 )
 
+from medidiff.config import MAX_DRAWS
+
 
 @click.group()
 def anomaly() -> None:
@@ -36,7 +38,7 @@ def settings_options(func):
         click.option("--noise-level", "noise_levels", type=click.IntRange(min=1),
                      multiple=True, help="Partial noise level(s) in training timesteps "
                                          "(repeatable) [default: the model's, 250]."),
-        click.option("--draws", type=click.IntRange(min=1), default=None,
+        click.option("--draws", type=click.IntRange(1, MAX_DRAWS), default=None,
                      help="Noise draws averaged per level [default: the model's]."),
         click.option("--eta", type=click.FloatRange(0, 1), default=None,
                      help="DDIM stochasticity (ddim sampler only)."),

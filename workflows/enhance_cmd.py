@@ -16,11 +16,13 @@ from medidiff.workflows.common import (
     tracking_options,
 )
 
+from medidiff.config import MAX_DRAWS
+
 
 def sampling_options(func):
     """Sampling settings; unset options keep the model's defaults (its denoise/superres config)."""
     options = [
-        click.option("--samples", type=click.IntRange(min=1), default=None,
+        click.option("--samples", type=click.IntRange(1, MAX_DRAWS), default=None,
                      help="Samples per scan: the output is their mean, and with more than one "
                           "CASE_*_std.nii.gz their standard deviation [default: the model's, 1]."),
         click.option("--steps", type=click.IntRange(min=1), default=None,

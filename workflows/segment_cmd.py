@@ -15,13 +15,15 @@ from medidiff.workflows.common import (
     tracking_options,
 )
 
+from medidiff.config import MAX_DRAWS
+
 
 @click.command("segment")
 @click.option("--model", "model_dir", required=True, type=click.Path(), help="Model folder.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Output folder.")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
-@click.option("--samples", type=click.IntRange(min=1), default=None,
+@click.option("--samples", type=click.IntRange(1, MAX_DRAWS), default=None,
               help="Samples per scan, fused into the labels [default: the model's, 5].")
 @click.option("--steps", type=click.IntRange(min=1), default=None,
               help="Sampler steps from pure noise [default: the model's].")

@@ -121,7 +121,8 @@ class _CalibrationEntry(_Strict):
     settings: dict[str, Any]
     voxel_threshold: float | None = None
     scan_threshold: float | None = None
-    residual_stats: str | None = None
+    residual_stats: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$",
+                                       description="a file name inside the model folder")
 
 
 class _Calibration(_Strict):
