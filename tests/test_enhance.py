@@ -326,3 +326,19 @@ def test_super_resolution_refuses_a_grid_beyond_the_voxel_limit(superres_model, 
                            str(tmp_path / "out"), "--scale", "500", str(scan))
     assert code == 2 and "the limit is" in err.splitlines()[0] and "Traceback" not in err, err
     assert not (tmp_path / "out" / "coarse_sr.nii.gz").exists()
+
+
+def test_super_resolution_keeps_the_input_axis_order(superres_model, example_data):
+    scan = nib.load(_copy(example_data, "lowres4"))
+    flip = np.diag([-1.0, 1.0, 1.0, 1.0])
+    flip[0, 3] = scan.shape[0] - 1  # voxel i of the flipped array is voxel n - 1 - i
+    # LAS instead of RAS, the same voxels in the same places (nibabel's slicer[::-1] keeps the
+    # old origin, so it would mirror the scan in world space)
+    flipped = nib.Nifti1Image(np.asarray(scan.dataobj)[::-1], scan.affine @ flip)
+    resolver = SuperResolver.load(superres_model, device="cpu", sampler="x0", steps=1)
+    ras = resolver.super_resolve_array(np.asarray(scan.dataobj), scan.affine)
+    las = resolver.super_resolve_array(np.asarray(flipped.dataobj), flipped.affine)
+    assert nib.aff2axcodes(las.affine) == ("L", "A", "S")
+    np.testing.assert_allclose(las.image[::-1], ras.image, atol=1e-4)
+    last = las.image.shape[0] - 1
+    np.testing.assert_allclose(las.affine @ [last, 0, 0, 1], ras.affine @ [0, 0, 0, 1], atol=1e-4)
