@@ -272,7 +272,8 @@ def main() -> None:
                               indent=2, default=float) + "\n")
     header = (f"Machine: {machine()}. Split: {args.split} ({len(cases)} scans), models: "
               f"{', '.join(str(m.name) for m in models.values() if m)}; sampling "
-              f"{settings or 'defaults'}. Benchmark wall time {time.perf_counter() - started:.0f} s.")
+              f"{settings or 'defaults'}. Benchmark wall time {time.perf_counter() - started:.0f} s."
+              f" Command: `python benchmarks/enhance.py {' '.join(sys.argv[1:])}`.")
     text = markdown(table, header)
     print(text)
     if args.write_docs:
