@@ -39,7 +39,7 @@ SETTINGS = {
     "zscore": dict(method="zscore"),
     "threshold": dict(method="threshold"),
     "reference": dict(sampler="ddpm", noise_levels=(250,), steps=250, draws=1),
-    "ddim10": dict(sampler="ddim", noise_levels=(250,), steps=10, draws=1),
+    "ddim10": dict(sampler="ddim", noise_levels=(250,), steps=10, draws=1, eta=0.0),
     "ddim10-x2": dict(sampler="ddim", noise_levels=(250,), steps=10, draws=2),
     "ddim10-eta1-x2": dict(sampler="ddim", noise_levels=(250,), steps=10, draws=2, eta=1.0),
     "ddim10-eta1-x2-t150": dict(sampler="ddim", noise_levels=(150,), steps=10, draws=2, eta=1.0),
@@ -145,13 +145,14 @@ def markdown(results: list[dict], header: str) -> str:
              "| setting | map | sampler | levels | steps | draws | NFE/slice | pooled AP | AUROC | "
              "Dice@cal | best Dice (oracle) | scan AUROC | s/scan |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    sampler = {"ddim": lambda s: f"ddim (eta {s['eta']:g})"}
     for r in results:
         s = r["settings"]
         diffusion = s["method"] == "diffusion"
         name = f"**{r['setting']} (default)**" if s == DEFAULT else r["setting"]
         lines.append(
             f"| {name} | {r.get('map', '-') if diffusion else '-'} | "
-            f"{s['sampler'] if diffusion else s['method']} | "
+            f"{sampler.get(s['sampler'], lambda s: s['sampler'])(s) if diffusion else s['method']} | "
             f"{','.join(map(str, s['noise_levels'])) if diffusion else '-'} | "
             f"{s['steps'] if diffusion else '-'} | {s['draws'] if diffusion else '-'} | "
             f"{r['nfe_per_slice']} | {r['pooled_ap']:.3f} | {r['pooled_auroc']:.3f} | "

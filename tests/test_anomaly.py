@@ -177,7 +177,7 @@ def test_standardisation_discounts_what_every_healthy_reconstruction_misses(tiny
     from medidiff.api import RESIDUAL_FLOOR, RESIDUAL_SMOOTH, standardise_healthy
     from medidiff.tasks.anomaly import postprocess
 
-    detector = AnomalyDetector.load(tiny_model, device="cpu")
+    detector = AnomalyDetector.load(tiny_model, device="cpu", standardise=True)
     rng = np.random.default_rng(0)
     shape = (20, 20, 10)
     fold = np.zeros(shape)
@@ -215,18 +215,20 @@ def test_calibration_stores_residual_statistics_that_scoring_uses(tiny_model, ex
     training = [{"image": str((example_data / e["image"]).resolve())} for e in listing["training"]]
     listing.update(training=training, validation=training[:3])  # three healthy scans
     (data / "dataset.json").write_text(json.dumps(listing))
-    calibration = calibrate(model, data, device="cpu", methods=("diffusion",), draws=1)
+    calibration = calibrate(model, data, device="cpu", methods=("diffusion",), draws=1,
+                            standardise=True)
     entry = calibration["entries"][0]
     assert entry["settings"]["standardise"] is True
     stats_file = model / entry["residual_stats"]
     assert stats_file.is_file() and stats_file.parent == model
-    detector = AnomalyDetector.load(model, device="cpu", draws=1)
+    detector = AnomalyDetector.load(model, device="cpu", draws=1, standardise=True)
     stats = detector.residual_stats()
     assert set(stats) == {"mean", "std"} and stats["mean"].min() >= 0
     scan = _test_scans(example_data)[0]
     standardised = detector.score_file(scan).anomaly_map
-    raw = AnomalyDetector.load(model, device="cpu", draws=1, standardise=False)
+    raw = AnomalyDetector.load(model, device="cpu", draws=1)  # the default: raw residuals
+    assert raw.residual_stats() is None
     assert not np.allclose(raw.score_file(scan).anomaly_map, standardised)
     stats_file.write_bytes(b"not safetensors")
     with pytest.raises(ModelFolderError, match="safetensors"):
-        AnomalyDetector.load(model, device="cpu", draws=1).score_file(scan)
+        AnomalyDetector.load(model, device="cpu", draws=1, standardise=True).score_file(scan)
