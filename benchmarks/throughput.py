@@ -156,7 +156,8 @@ def training(cfg, data: Path, work: Path, device: torch.device, args) -> tuple[l
     seconds = {key: [] for key in loops}
     for r in range(args.rounds):
         block = timed[r * args.steps:(r + 1) * args.steps]
-        for key, loop in loops.items():
+        order = list(loops.items())
+        for key, loop in (order if r % 2 == 0 else order[::-1]):  # neither always goes first
             with memory[key].measure():
                 seconds[key].append(timed_steps(loop, block, device))
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(
