@@ -104,7 +104,9 @@ def score(detector, item: dict, stats):
 def run_setting(model, name: str, val, test, device) -> list[dict]:
     """Calibrate on ``val``, score ``test``. A diffusion setting gives two results from the same
     reconstructions: the standardised map (medidiff's) and the raw residual (AnoDDPM's)."""
-    settings = ScoreSettings.from_config(model.config.anomaly, **SETTINGS[name])
+    # standardise=True: both maps come from the same reconstructions, raw and standardised
+    settings = ScoreSettings.from_config(model.config.anomaly,
+                                         **{"standardise": True, **SETTINGS[name]})
     detector = AnomalyDetector(model, settings, device)
     stats = detector.zscore_stats() if settings.method == "zscore" else None
     detector._residual_stats = {}  # raw residuals; standardised below as calibrate does
@@ -179,8 +181,8 @@ def main() -> None:
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
 
-    section = f"anomaly-slab{args.slab}" if args.slab else "anomaly"
-    args.out = args.out or REPO / "benchmarks" / "results" / f"{section}.json"
+    name = f"anomaly-slab{args.slab}" if args.slab else "anomaly"
+    args.out = args.out or REPO / "benchmarks" / "results" / f"{name}.json"
     ensure_data_and_model(args.data, args.model, args.preset, args.train_set)
     device = torch.device(args.device)
     model = load_model(args.model, task="anomaly", device=str(device))
@@ -202,7 +204,7 @@ def main() -> None:
         args.out.write_text(json.dumps(results, indent=2, default=float) + "\n")
     order = {name: i for i, name in enumerate(SETTINGS)}
     ordered = sorted(results.values(), key=lambda r: (order.get(r["setting"].split()[0], 99),
-                                                      r.get("map") != "standardised"))
+                                                      r.get("map") == "standardised"))
     header = (f"Machine: {machine()}. Model: `{args.model.name}` "
               f"({model.info.get('steps')} steps, {model.info.get('parameters')} parameters). "
               f"{len(val)} healthy validation scans for calibration, {len(test)} test scans "
@@ -213,7 +215,7 @@ def main() -> None:
     table = markdown(ordered, header)
     print(table)
     if args.write_docs:
-        write_section(section, table)
+        write_section("anomaly", table)
 
 
 if __name__ == "__main__":

@@ -225,7 +225,7 @@ def ratios(rows: list[dict]) -> list[str]:
         if ("medidiff", precision) in speed:
             ratio = speed[("medidiff", precision)] / speed[("plain", precision)]
             lines.append(f"medidiff / plain MONAI training throughput, {precision}: "
-                         f"**{ratio:.2f}**")
+                         f"**{ratio:.3f}**")
     if ("medidiff", "amp") in speed:
         lines.append(f"AMP / fp32 speed-up, medidiff: "
                      f"**{speed[('medidiff', 'amp')] / speed[('medidiff', 'fp32')]:.2f}**")

@@ -107,8 +107,8 @@ class AnomalyConfig(_Section):
 
     sampler: Literal["ddpm", "ddim", "dpmpp2m", "x0"] = "ddim"
     noise_levels: list[int] = Field(default_factory=lambda: [250])
-    steps: int = Field(default=10, ge=1)
-    draws: int = Field(default=2, ge=1, le=MAX_DRAWS)
+    steps: int = Field(default=5, ge=1)
+    draws: int = Field(default=4, ge=1, le=MAX_DRAWS)
     eta: float = Field(default=1.0, ge=0.0, le=1.0)
     median_kernel: int = Field(default=5, ge=1)
     standardise: bool = Field(

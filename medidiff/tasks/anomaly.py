@@ -37,8 +37,8 @@ class ScoreSettings:
     method: str = "diffusion"
     sampler: str = "ddim"
     noise_levels: tuple[int, ...] = (250,)
-    steps: int = 10
-    draws: int = 2
+    steps: int = 5
+    draws: int = 4
     eta: float = 1.0
     median_kernel: int = 5
     standardise: bool = False
