@@ -225,6 +225,16 @@ class Config(_Section):
     superres: SuperResConfig = Field(default_factory=SuperResConfig)
     segment: SegmentConfig = Field(default_factory=SegmentConfig)
 
+    @model_validator(mode="after")
+    def _check_max_timestep(self) -> Config:
+        limit = self.train.max_timestep
+        if limit is not None and self.task != "anomaly":
+            raise ValueError(f"train.max_timestep is for anomaly models; a {self.task} model "
+                             "samples from pure noise and must learn every level")
+        if limit is not None and self.task == "anomaly" and max(self.anomaly.noise_levels) >= limit:
+            raise ValueError(f"anomaly.noise_levels must stay below train.max_timestep ({limit})")
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 

@@ -123,7 +123,8 @@ def preview_grid(trainer, count: int = 4, steps: int = 20) -> np.ndarray | None:
     t_start = trainer.max_timestep - 1
     x = torch.randn(shape, generator=generator)
     if t_start < trainer.schedule.num_train_timesteps - 1:  # reconstruct from partial noise
-        x = trainer.schedule.add_noise(inputs.target, x, torch.full((shape[0],), t_start, dtype=torch.long))
+        start = torch.full((shape[0],), t_start, dtype=torch.long)
+        x = trainer.schedule.add_noise(inputs.target, x, start)
     x = x.to(trainer.device)
     timesteps = timestep_schedule(t_start, steps, spacing="logsnr", schedule=trainer.schedule)
     sample = get_sampler("dpmpp2m")(model_fn(net, condition, labels), x, timesteps,

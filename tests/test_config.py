@@ -59,3 +59,12 @@ def test_round_trip_through_dict():
     cfg = load_config(REPO / "configs" / "anomaly" / "cpu-small.yaml")
     assert from_dict(cfg.to_dict()) == cfg
     assert isinstance(cfg, Config)
+
+
+def test_max_timestep_is_for_anomaly_models_scored_below_it():
+    with pytest.raises(ConfigError, match="max_timestep is for anomaly"):
+        load_config(REPO / "configs" / "denoise" / "cpu-tiny.yaml", ["train.max_timestep=500"])
+    with pytest.raises(ConfigError, match="below train.max_timestep"):
+        load_config(REPO / "configs" / "anomaly" / "cpu-tiny.yaml", ["train.max_timestep=200"])
+    assert load_config(REPO / "configs" / "anomaly" / "cpu-tiny.yaml",
+                       ["train.max_timestep=300"]).train.max_timestep == 300

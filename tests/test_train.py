@@ -91,7 +91,8 @@ def test_max_timestep_limits_the_training_noise_and_the_scoring_levels(tmp_path,
     from medidiff.models.folder import load_model
     from medidiff.tasks.anomaly import ScoreSettings
 
-    cfg = load_config(TINY, ["train.steps=3", "train.max_timestep=40", "train.sample_every=3"])
+    cfg = load_config(TINY, ["train.steps=3", "train.max_timestep=40", "train.sample_every=3",
+                             "anomaly.noise_levels=[30]"])
     trainer = Trainer(cfg, example_data, tmp_path / "limited")
     seen = []
     trainer.net.register_forward_pre_hook(
