@@ -112,13 +112,12 @@ class AnomalyConfig(_Section):
     eta: float = Field(default=1.0, ge=0.0, le=1.0)
     median_kernel: int = Field(default=5, ge=1)
     standardise: bool = Field(
-        default=False,
+        default=True,
         description="divide the residual voxel-wise by its spread over the healthy validation "
                     "scans (after subtracting their mean), so that places every reconstruction "
-                    "misses, such as cortical folds, stop looking anomalous; it rescues a weak "
-                    "(under-trained) model and costs a well-trained one a little (see "
-                    "docs/benchmarks.md); needs scans in a common space, as the z-score "
-                    "baseline, and at least 3 validation scans")
+                    "misses, such as cortical folds, stop looking anomalous (docs/benchmarks.md); "
+                    "needs scans in a common space, as the z-score baseline, and at least 3 "
+                    "validation scans, otherwise the map stays the raw residual")
     score_top_fraction: float = Field(default=0.01, gt=0, le=1)
     target_fpr: float = Field(default=0.01, gt=0, lt=1)
     scan_fpr: float = Field(default=0.05, gt=0, lt=1)

@@ -41,7 +41,7 @@ class ScoreSettings:
     draws: int = 4
     eta: float = 1.0
     median_kernel: int = 5
-    standardise: bool = False
+    standardise: bool = True
     score_top_fraction: float = 0.01
     batch_size: int = 32
     seed: int = 0
