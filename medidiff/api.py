@@ -90,9 +90,7 @@ class AnomalyDetector:
         self.model, self.settings, self.device = model, settings, device
         self.cfg = model.config
         self.schedule = NoiseSchedule(**self.cfg.diffusion.model_dump())
-        trained = min(self.cfg.train.max_timestep or self.schedule.num_train_timesteps,
-                      self.schedule.num_train_timesteps)
-        self.settings.validate(trained)  # a level the model never learnt is refused
+        self.settings.validate(self.cfg.trained_timesteps())  # refuse levels it never learnt
         self._zscore = None
         self._residual_stats: dict[str, np.ndarray] | None = None  # None: from the calibration
 

@@ -234,6 +234,11 @@ class Config(_Section):
             raise ValueError(f"anomaly.noise_levels must stay below train.max_timestep ({limit})")
         return self
 
+    def trained_timesteps(self) -> int:
+        """The network learns timesteps 0 up to (not including) this one."""
+        total = self.diffusion.num_train_timesteps
+        return min(self.train.max_timestep or total, total)
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 

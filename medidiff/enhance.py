@@ -170,8 +170,7 @@ class Denoiser(_Enhancer):
                 "sigma_estimated": self.sigma is None, "zero_shot": self.zero_shot}
         generator = self._generator()
         if self.zero_shot:
-            t_start = min(sdedit_timestep(self.schedule, sigma),
-                          (self.cfg.train.max_timestep or self.schedule.num_train_timesteps) - 1)
+            t_start = min(sdedit_timestep(self.schedule, sigma), self.cfg.trained_timesteps() - 1)
             draw = sdedit_draws(self.model.net, self.schedule, self.settings, t_start,
                                 generator, self.device)
             info["t_start"] = t_start

@@ -120,7 +120,7 @@ def preview_grid(trainer, count: int = 4, steps: int = 20) -> np.ndarray | None:
     condition = None if inputs.condition is None else inputs.condition.to(trainer.device)
     labels = None if inputs.class_labels is None else inputs.class_labels.to(trainer.device)
     shape = inputs.target.shape
-    t_start = trainer.max_timestep - 1
+    t_start = trainer.cfg.trained_timesteps() - 1
     x = torch.randn(shape, generator=generator)
     if t_start < trainer.schedule.num_train_timesteps - 1:  # reconstruct from partial noise
         start = torch.full((shape[0],), t_start, dtype=torch.long)

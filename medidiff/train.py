@@ -104,8 +104,6 @@ class Trainer:
             raise InputError(data_dir, "has no training scans")
         self.fingerprint = fingerprint(self.entries)
         self.schedule = NoiseSchedule(**cfg.diffusion.model_dump())
-        self.max_timestep = min(cfg.train.max_timestep or cfg.diffusion.num_train_timesteps,
-                                cfg.diffusion.num_train_timesteps)
         torch.manual_seed(cfg.train.seed)  # the same initial weights, hence EMA, on every rank
         self.net = build_network(cfg).to(self.device)
         if rank:
@@ -180,7 +178,7 @@ class Trainer:
         inputs = self.task.training_inputs(batch, self.cfg, self.generator)
         target = inputs.target.to(self.device)
         noise = torch.randn(target.shape, generator=self.generator).to(self.device)
-        t = torch.randint(0, self.max_timestep, (target.shape[0],),
+        t = torch.randint(0, self.cfg.trained_timesteps(), (target.shape[0],),
                           generator=self.generator).to(self.device)
         x_t = self.schedule.add_noise(target, noise, t)
         if inputs.condition is not None:

@@ -32,19 +32,20 @@ class AnomalyTask(Task):
 
 @dataclass(frozen=True)
 class ScoreSettings:
-    """How a scan is scored; defaults come from the model's ``anomaly`` config section."""
+    """How a scan is scored; ``from_config`` takes the defaults from the model's ``anomaly``
+    config section (``AnomalyConfig`` holds them, in one place)."""
 
+    sampler: str
+    noise_levels: tuple[int, ...]
+    steps: int
+    draws: int
+    eta: float
+    median_kernel: int
+    standardise: bool
+    score_top_fraction: float
+    batch_size: int
+    seed: int
     method: str = "diffusion"
-    sampler: str = "ddim"
-    noise_levels: tuple[int, ...] = (250,)
-    steps: int = 5
-    draws: int = 4
-    eta: float = 1.0
-    median_kernel: int = 5
-    standardise: bool = True
-    score_top_fraction: float = 0.01
-    batch_size: int = 32
-    seed: int = 0
     extra: dict = field(default_factory=dict, compare=False)
 
     @classmethod
