@@ -50,12 +50,12 @@ from medidiff.train import select_device
 class EnhanceSettings:
     """How a scan is sampled; defaults come from the model's ``denoise``/``superres`` section."""
 
-    sampler: str = "ddim"
-    steps: int = 10
-    eta: float = 0.0
-    samples: int = 1
-    batch_size: int = 32
-    seed: int = 0
+    sampler: str
+    steps: int
+    eta: float
+    samples: int
+    batch_size: int
+    seed: int
 
     @classmethod
     def from_section(cls, section, **overrides) -> EnhanceSettings:

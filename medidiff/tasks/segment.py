@@ -141,14 +141,14 @@ def entropy(probs: torch.Tensor, dim: int = 0) -> torch.Tensor:
 class SegmentSettings:
     """How a scan is segmented; defaults come from the model's ``segment`` config section."""
 
-    sampler: str = "ddim"
-    steps: int = 10
-    samples: int = 5
-    eta: float = 0.0
-    fusion: str = "mean"
-    resample: str = "nearest"
-    batch_size: int = 32
-    seed: int = 0
+    sampler: str
+    steps: int
+    samples: int
+    eta: float
+    fusion: str
+    resample: str
+    batch_size: int
+    seed: int
 
     @classmethod
     def from_config(cls, cfg: SegmentConfig, **overrides) -> SegmentSettings:
