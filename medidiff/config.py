@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from medidiff.data.io import MAX_VOXELS as MAX_GRID_VOXELS
 from medidiff.errors import ConfigError, InputError
@@ -88,6 +88,13 @@ class TrainConfig(_Section):
     grad_clip: float | None = 1.0
     ema_decay: float = Field(default=0.999, ge=0, lt=1)
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        """YAML reads a bare ``off`` (``amp: off``, ``--set train.amp=off``) as false."""
+        return "off" if value is False else value
+
     checkpoint_every: int = Field(default=200, ge=1)
     sample_every: int = Field(default=500, ge=1)
     log_every: int = Field(default=20, ge=1)

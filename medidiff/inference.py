@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import fcntl
 import io
+import os
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -118,14 +119,14 @@ def _remove(targets: list[Path]) -> None:
 
 @contextmanager
 def locked(path: Path):
-    """An exclusive advisory lock on ``path``.lock for read-modify-write of shared tables."""
-    lock_path = path.with_name(path.name + ".lock")
-    with open(lock_path, "a") as handle:
+    """An exclusive advisory lock for read-modify-write of the shared table ``path``, taken on
+    its folder (so that no lock file is left beside the results)."""
+    handle = os.open(path.parent, os.O_RDONLY)
+    try:
         fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        yield
+    finally:
+        os.close(handle)  # closing releases the lock
 
 
 def read_table(path: Path) -> list[dict]:

@@ -196,9 +196,12 @@ class Trainer:
             group["lr"] = self.cfg.train.lr * lr_factor(self.step, self.cfg)
         self.opt.zero_grad(set_to_none=True)
         loss = self.loss_on(batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss became {loss.item()} at step {self.step}")
         self.scaler.scale(loss).backward()
+        # read the loss once per step, after the backward pass is queued: on a GPU an earlier
+        # read would stall the queue between the forward and backward passes
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"training loss became {value} at step {self.step}")
         if self.cfg.train.grad_clip:
             self.scaler.unscale_(self.opt)
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.train.grad_clip)
@@ -206,7 +209,7 @@ class Trainer:
         self.scaler.update()
         self.ema.update(self.unwrapped())
         self.step += 1
-        return float(loss.detach())
+        return value
 
     # -- the loop ----------------------------------------------------------------------------
     def load_data(self) -> None:

@@ -41,6 +41,16 @@ def test_overrides_parse_yaml_values():
     assert cfg.train.steps == 5 and cfg.model.channels == [8, 16] and cfg.name == "x"
 
 
+def test_bare_off_turns_amp_off_from_yaml_and_overrides(tmp_path):
+    # YAML reads a bare `off` as false; `amp: off` must still mean "off", not an error
+    assert from_dict(apply_overrides({}, ["train.amp=off"])).train.amp == "off"
+    path = tmp_path / "c.yaml"
+    path.write_text("task: anomaly\ntrain:\n  amp: off\n")
+    assert load_config(path).train.amp == "off"
+    with pytest.raises(ConfigError, match="amp"):
+        from_dict(apply_overrides({}, ["train.amp=on"]))
+
+
 def test_override_without_equals_is_an_error():
     with pytest.raises(ConfigError, match="key=value"):
         apply_overrides({}, ["train.steps"])

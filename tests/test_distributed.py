@@ -182,7 +182,7 @@ def _outputs(folder: Path) -> dict[str, object]:
             found[path.name] = np.asarray(Image.open(path)).tobytes()
         elif path.suffix == ".csv":
             found[path.name] = path.read_text()
-        elif not path.name.endswith(".lock"):
+        else:
             found[path.name] = path.read_bytes()
     return found
 

@@ -99,6 +99,23 @@ def test_default_unet_builds():
     assert [b.resnets[0].out_channels for b in net.down_blocks] == [32, 64, 64]
 
 
+def test_attention_through_sdpa_matches_the_explicit_attention_matrix():
+    from monai.networks.nets import DiffusionModelUNet
+
+    kwargs = dict(channels=(8, 16), attention_levels=(False, True), num_res_blocks=1,
+                  num_head_channels=8, norm_num_groups=8)
+    net = build_unet(2, 1, 1, **kwargs)
+    assert all(m.use_flash_attention for m in net.modules() if hasattr(m, "use_flash_attention"))
+    explicit = DiffusionModelUNet(spatial_dims=2, in_channels=1, out_channels=1, **kwargs)
+    torch.manual_seed(0)
+    for p in net.parameters():
+        nn.init.normal_(p, std=0.1)  # the last convolution starts at zero: make it matter
+    explicit.load_state_dict(net.state_dict())  # same parameters, only the kernel differs
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([3, 700])
+    with torch.no_grad():
+        assert torch.allclose(net(x, timesteps=t), explicit(x, timesteps=t), atol=1e-5)
+
+
 # ---- EMA ----------------------------------------------------------------------------------
 
 

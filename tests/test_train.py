@@ -10,7 +10,7 @@ import yaml
 from medidiff.config import load_config
 from medidiff.errors import InputError
 from medidiff.models.checkpoint import load_weights
-from medidiff.train import Trainer, run_training
+from medidiff.train import Trainer, draw_batch, run_training
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "anomaly" / "cpu-tiny.yaml"
@@ -108,3 +108,17 @@ def test_max_timestep_limits_the_training_noise_and_the_scoring_levels(tmp_path,
                         torch.device("cpu"))
     AnomalyDetector(model, ScoreSettings.from_config(model.config.anomaly, noise_levels=(150,)),
                     torch.device("cpu"))
+
+
+def test_a_non_finite_loss_stops_training_before_the_weights_change(tmp_path, example_data):
+    trainer = Trainer(load_config(TINY, ["train.steps=2"]), example_data, tmp_path / "nan")
+    trainer.load_data()
+    batch = draw_batch(trainer.dataset, 2, torch.Generator().manual_seed(0))
+    before = {k: v.clone() for k, v in trainer.unwrapped().state_dict().items()}
+    ema_before = {k: v.clone() for k, v in trainer.ema.shadow.items()}
+    trainer.loss_on = lambda batch: sum(p.sum() for p in trainer.net.parameters()) * float("nan")
+    with pytest.raises(FloatingPointError, match="step 0"):
+        trainer.train_step(batch)
+    after = trainer.unwrapped().state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(ema_before[k], trainer.ema.shadow[k]) for k in ema_before)

@@ -56,12 +56,16 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         """Fold the model's current weights into the average."""
         d = self.current_decay()
+        averages, values = [], []
         for name, value in _unwrap(model).state_dict().items():
             avg = self.shadow[name]
             if avg.is_floating_point():
-                avg.lerp_(value.detach().to(avg.dtype), 1.0 - d)
+                averages.append(avg)
+                values.append(value.detach().to(avg.dtype))
             else:
                 avg.copy_(value)
+        if averages:  # one multi-tensor kernel instead of one launch per tensor (GPU)
+            torch._foreach_lerp_(averages, values, 1.0 - d)
         self.num_updates += 1
 
     @torch.no_grad()

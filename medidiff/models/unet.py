@@ -95,7 +95,8 @@ def build_unet(
 
     Inputs need spatial sizes divisible by :func:`spatial_multiple`. ``class_labels`` are only
     used when ``num_class_embeds`` is set (then they are required): MONAI silently ignores them
-    otherwise. Its last convolution starts at zero, so a new network outputs zeros.
+    otherwise. Its last convolution starts at zero, so a new network outputs zeros. Attention runs
+    through ``torch.nn.functional.scaled_dot_product_attention``.
     """
     channels, attention_levels = tuple(channels), tuple(bool(a) for a in attention_levels)
     blocks, heads = _validate(
@@ -122,6 +123,9 @@ def build_unet(
         num_head_channels=heads,
         num_class_embeds=num_class_embeds,
         dropout_cattn=dropout_cattn,
+        # PyTorch's scaled_dot_product_attention: the same weights and results as the explicit
+        # attention matrix, without materialising it (memory-efficient/flash kernels on GPU)
+        use_flash_attention=True,
     )
 
 
