@@ -11,8 +11,12 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "benchmarks.md"
 
 
-def machine() -> str:
-    """CPU model (or processor), torch threads and version, for the record next to numbers."""
+def machine(device: torch.device | str = "cpu") -> str:
+    """CPU model (or processor), torch threads and version, for the record next to numbers; the
+    GPU's name first when ``device`` is a CUDA device."""
+    gpu = ""
+    if torch.device(device).type == "cuda":
+        gpu = f"{torch.cuda.get_device_name(torch.device(device))} with "
     cpu = platform.processor() or "cpu"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -21,7 +25,7 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    return f"{gpu}{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def write_section(section: str, text: str, title: str | None = None) -> None:

@@ -205,7 +205,7 @@ def main() -> None:
     order = {name: i for i, name in enumerate(SETTINGS)}
     ordered = sorted(results.values(), key=lambda r: (order.get(r["setting"].split()[0], 99),
                                                       r.get("map") == "standardised"))
-    header = (f"Machine: {machine()}. Model: `{args.model.name}` "
+    header = (f"Machine: {machine(device)}. Model: `{args.model.name}` "
               f"({model.info.get('steps')} steps, {model.info.get('parameters')} parameters). "
               f"{len(val)} healthy validation scans for calibration, {len(test)} test scans "
               f"({sum(bool(np.any(np.asarray(t['mask']))) for t in test)} with lesions"

@@ -244,8 +244,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per loop")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per loop first")
     parser.add_argument("--score-volumes", type=int, default=1)
-    parser.add_argument("--out", type=Path,
-                        default=REPO / "benchmarks" / "results" / "throughput.json")
+    parser.add_argument("--out", type=Path, default=None, help="results JSON [default: "
+                        "benchmarks/results/throughput.json, throughput-cuda.json on a GPU]")
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
 
@@ -254,6 +254,9 @@ def main() -> None:
     cfg = load_config(args.config, args.overrides)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
+    # one docs section and results file per device kind: a GPU run keeps the CPU numbers
+    section = "throughput" if device.type == "cpu" else f"throughput-{device.type}"
+    args.out = args.out or REPO / "benchmarks" / "results" / f"{section}.json"
     with tempfile.TemporaryDirectory() as work:
         rows, trainer = training(cfg, args.data, Path(work), device, args)
         score = scoring(trainer, args.data, device, args)
@@ -278,7 +281,8 @@ def main() -> None:
     text = markdown(result)
     print(text)
     if args.write_docs:
-        write_section("throughput", text)
+        write_section(section, text, title=None if device.type == "cpu"
+                      else f"Throughput on {device.type.upper()}")
 
 
 if __name__ == "__main__":
