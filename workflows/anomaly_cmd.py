@@ -153,11 +153,14 @@ def run_calibration(model_dir, data_dir, tracker, device: str = "auto", nested: 
 
     with tracker.run("calibrate", nested=nested, tags={"stage": "calibrate"}), \
             progress_bar(0, "calibrate", unit="scan") as bar:
+        stage = [None]
+
         def progress(method: str, done: int, total: int) -> None:
-            bar.total = total
-            bar.n = done
-            bar.set_description(f"calibrate {method}")
-            bar.refresh()
+            if stage[0] != method:  # a new stage: its own count, rate and ETA
+                stage[0] = method
+                bar.reset(total=total)
+                bar.set_description(f"calibrate {method}", refresh=False)
+            bar.update(done - bar.n)
 
         calibration = calibrate(model_dir, data_dir, device=device, progress=progress,
                                 **(overrides or {}))

@@ -35,7 +35,8 @@ def preset_path(task: str, preset: str) -> Path:
 @click.option("--preset", default="cpu-small", show_default=True,
               help="Anomaly config preset (configs/anomaly/PRESET.yaml).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--subjects", type=click.IntRange(min=6), default=40, show_default=True)
+@click.option("--subjects", type=click.IntRange(min=6), default=24, show_default=True,
+              help="Example subjects: 60% train, 15% validation, 25% test.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a config value of the preset (repeatable).")
 @click.option("--device", default="auto", show_default=True)
