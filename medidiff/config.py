@@ -88,13 +88,6 @@ class TrainConfig(_Section):
     grad_clip: float | None = 1.0
     ema_decay: float = Field(default=0.999, ge=0, lt=1)
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
-
-    @field_validator("amp", mode="before")
-    @classmethod
-    def _yaml_off(cls, value: Any) -> Any:
-        """YAML reads a bare ``off`` (``amp: off``, ``--set train.amp=off``) as false."""
-        return "off" if value is False else value
-
     checkpoint_every: int = Field(default=200, ge=1)
     sample_every: int = Field(default=500, ge=1)
     log_every: int = Field(default=20, ge=1)
@@ -107,6 +100,12 @@ class TrainConfig(_Section):
         description="train on timesteps below this only (a model that is only ever used from "
                     "partial noise, like an anomaly model scored at t <= 350, spends all its "
                     "capacity where it is used; it cannot sample from pure noise)")
+
+    @field_validator("amp", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        """YAML reads a bare ``off`` (``amp: off``, ``--set train.amp=off``) as false."""
+        return "off" if value is False else value
 
 
 class AnomalyConfig(_Section):
