@@ -35,6 +35,10 @@ class DataConfig(_Section):
     size: list[int] = Field(default_factory=lambda: [64, 64])
     patch: list[int] | None = None
     intensity_percentiles: tuple[float, float] = (0.0, 99.5)
+    intensity_ceiling: float = Field(
+        default=1.0, ge=1.0, le=10.0,
+        description="the percentiles map to [0, 1]; values are then clipped to [0, ceiling]. "
+                    "Above 1, what is brighter than the brightest healthy tissue stays so")
     min_foreground: float = Field(default=0.1, ge=0.0, le=1.0)
     foreground_threshold: float = Field(default=0.02, ge=0.0, le=1.0)
     cache: bool = True

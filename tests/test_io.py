@@ -503,3 +503,23 @@ def test_corrupted_valid_files_load_or_raise_input_error(suffix, flips, cut):
         path = Path(folder) / f"flip{suffix}"
         path.write_bytes(bytes(data))
         _load_or_input_error(path)
+
+
+def test_intensity_ceiling_keeps_what_is_brighter_than_healthy_tissue(tmp_path):
+    """By default the 99.5th percentile maps to 1 and brighter voxels are clipped to it; with
+    ``data.intensity_ceiling`` above 1 a hyperintense spot stays brighter than the tissue."""
+    from medidiff.config import DataConfig
+    from medidiff.data.transforms import volume_transforms
+
+    volume = np.full((20, 20, 20), 100.0, dtype=np.float32)
+    volume[:4] = 0.0  # background
+    volume[10:12, 10:12, 10:12] = 180.0  # 8 voxels, under 0.5% of the scan
+    path = tmp_path / "spot.nii.gz"
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), path)
+    spot = (slice(None), slice(10, 12), slice(10, 12), slice(10, 12))
+    for ceiling, expected in ((1.0, 1.0), (1.5, 1.5), (3.0, 1.8)):
+        cfg = DataConfig(spatial_dims=3, size=[20, 20, 20], intensity_ceiling=ceiling)
+        image = volume_transforms(cfg)({"image": str(path)})["image"]
+        assert float(image[0, 12, 12, 12]) == pytest.approx(1.0)  # healthy tissue
+        assert float(image[spot].min()) == pytest.approx(expected, rel=1e-4)
+        assert float(image.min()) == 0.0

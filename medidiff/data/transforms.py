@@ -98,27 +98,45 @@ def volume_transforms(
     if cfg.spacing is not None:
         chain.append(CheckResampledSized(keys=image_key, pixdim=cfg.spacing))
         chain.append(Spacingd(keys=keys, pixdim=cfg.spacing, mode=modes))
-    low, high = cfg.intensity_percentiles
     chain += [
-        ScaleIntensityRangePercentilesd(
-            keys=image_key, lower=low, upper=high, b_min=0.0, b_max=1.0, clip=True
-        ),
+        *scale_intensity(cfg, image_key),
         ResizeWithPadOrCropd(keys=keys, spatial_size=grid_size(cfg)),
     ]
     return Chain(chain)
 
 
+def scale_intensity(cfg: DataConfig, image_key: str = "image") -> list:
+    """The intensity percentiles to [0, 1], clipped to [0, ``cfg.intensity_ceiling``]."""
+    low, high = cfg.intensity_percentiles
+    scale = ScaleIntensityRangePercentilesd(keys=image_key, lower=low, upper=high, b_min=0.0,
+                                            b_max=1.0, clip=cfg.intensity_ceiling == 1.0)
+    if cfg.intensity_ceiling == 1.0:
+        return [scale]
+    return [scale, Clampd(keys=image_key, high=cfg.intensity_ceiling)]
+
+
+class Clampd(MapTransform):
+    """Clip intensities to [``low``, ``high``]; NaN stays NaN, for the input checks to refuse."""
+
+    def __init__(self, keys, low: float = 0.0, high: float = 1.0):
+        super().__init__(keys)
+        self.low, self.high = low, high
+
+    def __call__(self, data):
+        data = dict(data)
+        for key in self.key_iterator(data):
+            data[key] = torch.clamp(data[key], self.low, self.high)
+        return data
+
+
 def image_transforms(cfg: DataConfig, image_key: str = "image", reader=None) -> Compose:
     """Chain for a 2D image (PNG, 2D NIfTI) and a 2D model: no physical spacing to honour, so
     the image is scaled to [0, 1] and resized to the model's in-plane grid (invertibly)."""
-    low, high = cfg.intensity_percentiles
     return Chain([
         LoadImaged(keys=image_key, reader=reader, image_only=True),
         EnsureChannelFirstd(keys=image_key),
         EnsureTyped(keys=image_key, dtype=torch.float32),
-        ScaleIntensityRangePercentilesd(
-            keys=image_key, lower=low, upper=high, b_min=0.0, b_max=1.0, clip=True
-        ),
+        *scale_intensity(cfg, image_key),
         Resized(keys=image_key, spatial_size=list(cfg.size), mode="bilinear"),
     ])
 
