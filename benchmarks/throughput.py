@@ -218,10 +218,9 @@ def markdown(result: dict) -> str:
 
 
 def ratios(rows: list[dict]) -> list[str]:
-    speed = {(r["loop"].split()[0], r["precision"].split()[0]): r["images_per_second"]
-             for r in rows}
-    rounds = {(r["loop"].split()[0], r["precision"].split()[0]): r["rounds_images_per_second"]
-              for r in rows}
+    by_key = {(r["loop"].split()[0], r["precision"].split()[0]): r for r in rows}
+    speed = {key: r["images_per_second"] for key, r in by_key.items()}
+    rounds = {key: r["rounds_images_per_second"] for key, r in by_key.items()}
     lines = []
     for precision in ("fp32", "amp"):
         if ("medidiff", precision) in speed:

@@ -153,11 +153,12 @@ def run_calibration(model_dir, data_dir, tracker, device: str = "auto", nested: 
 
     with tracker.run("calibrate", nested=nested, tags={"stage": "calibrate"}), \
             progress_bar(0, "calibrate", unit="scan") as bar:
-        stage = [None]
+        stage = None
 
         def progress(method: str, done: int, total: int) -> None:
-            if stage[0] != method:  # a new stage: its own count, rate and ETA
-                stage[0] = method
+            nonlocal stage
+            if stage != method:  # a new stage: its own count, rate and ETA
+                stage = method
                 bar.reset(total=total)
                 bar.set_description(f"calibrate {method}", refresh=False)
             bar.update(done - bar.n)
