@@ -28,12 +28,13 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks._common import machine, write_section  # noqa: E402
 from medidiff import metrics  # noqa: E402
-from medidiff.api import AnomalyDetector, fit_zscore_baseline, standardise_healthy  # noqa: E402
-from medidiff.baselines import ZSCORE_FILE  # noqa: E402
+from medidiff.api import AnomalyDetector  # noqa: E402
 from medidiff.config import AnomalyConfig  # noqa: E402
 from medidiff.data.datasets import cached_volumes, read_split  # noqa: E402
-from medidiff.models.folder import load_model  # noqa: E402
-from medidiff.tasks.anomaly import ScoreSettings  # noqa: E402
+from medidiff.tasks.anomaly.baselines import ZSCORE_FILE  # noqa: E402
+from medidiff.tasks.anomaly.calibration import fit_zscore_baseline, standardise_healthy  # noqa: E402
+from medidiff.tasks.anomaly.scoring import describe  # noqa: E402
+from medidiff.tasks.registry import load_model  # noqa: E402
 
 SETTINGS = {
     "zscore": dict(method="zscore"),
@@ -54,7 +55,7 @@ SETTINGS = {
     "x0-3lvl-x8": dict(sampler="x0", noise_levels=(150, 250, 350), steps=1, draws=8),
 }
 # medidiff's default scoring settings (AnomalyConfig defaults); marked in the table
-DEFAULT = ScoreSettings.from_config(AnomalyConfig()).describe()
+DEFAULT = describe(AnomalyConfig(), "diffusion")
 
 
 def ensure_data_and_model(data: Path, model: Path, preset: str, train_set: list[str]) -> None:
@@ -105,10 +106,9 @@ def run_setting(model, name: str, val, test, device) -> list[dict]:
     """Calibrate on ``val``, score ``test``. A diffusion setting gives two results from the same
     reconstructions: the standardised map (medidiff's) and the raw residual (AnoDDPM's)."""
     # standardise=True: both maps come from the same reconstructions, raw and standardised
-    settings = ScoreSettings.from_config(model.config.anomaly,
-                                         **{"standardise": True, **SETTINGS[name]})
-    detector = AnomalyDetector(model, settings, device)
-    stats = detector.zscore_stats() if settings.method == "zscore" else None
+    detector = AnomalyDetector.from_model(model, device, **{"standardise": True, **SETTINGS[name]})
+    settings = detector.settings
+    stats = detector.zscore_stats() if detector.method == "zscore" else None
     detector._residual_stats = {}  # raw residuals; standardised below as calibrate does
     grids = [score(detector, v, stats) for v in val]
     maps = {"raw": [g.anomaly_map for g in grids]}
@@ -132,10 +132,10 @@ def run_setting(model, name: str, val, test, device) -> list[dict]:
     results = []
     for kind in maps:
         result = metrics.evaluate_anomaly(cases[kind], voxel_threshold=thresholds[kind])
-        described = {**settings.describe(), "standardise": kind == "standardised"}
-        label = name if settings.method != "diffusion" else f"{name} {kind}"
+        described = {**describe(settings, detector.method), "standardise": kind == "standardised"}
+        label = name if detector.method != "diffusion" else f"{name} {kind}"
         result.update({"setting": label, "settings": described, "map": kind,
-                       "nfe_per_slice": settings.nfe_per_slice(),
+                       "nfe_per_slice": described["nfe_per_slice"],
                        "seconds_per_scan": float(np.mean(seconds)),
                        "voxel_threshold": thresholds[kind]})
         results.append(result)

@@ -38,10 +38,10 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks._common import machine, write_section  # noqa: E402
 from medidiff import metrics  # noqa: E402
+from medidiff.api import Denoiser, SuperResolver  # noqa: E402
 from medidiff.data import degrade  # noqa: E402
 from medidiff.data.transforms import foreground_mask  # noqa: E402
-from medidiff.enhance import Denoiser, SuperResolver  # noqa: E402
-from medidiff.tasks.denoise import estimate_sigma  # noqa: E402
+from medidiff.tasks.enhance.denoise import estimate_sigma  # noqa: E402
 
 NOISE = {"noisy05": 0.05, "noisy10": 0.10}
 SCALES = {"lowres2": 2, "lowres4": 4}
@@ -139,7 +139,7 @@ def denoise_rows(cases, models: dict, baselines: bool = True) -> list[dict]:
             if baselines:
                 methods.update({k: (f, 0) for k, f in classical_denoisers(noisy).items()})
             for name, denoiser in models.items():
-                methods[name] = (lambda d=denoiser, p=case[level]: d.denoise_file(p), None)
+                methods[name] = (lambda d=denoiser, p=case[level]: d.predict_file(p), None)
             for name, (fn, nfe) in methods.items():
                 out, seconds = timed(fn)
                 info = getattr(out, "info", {})
@@ -177,7 +177,7 @@ def superres_rows(cases, models: dict, baselines: bool = True) -> list[dict]:
             low, _ = load(case[level])
             methods = {k: (f, 0) for k, f in interpolators(low, factor).items() if baselines}
             for name, resolver in models.items():
-                methods[name] = (lambda r=resolver, p=case[level]: r.super_resolve_file(p), None)
+                methods[name] = (lambda r=resolver, p=case[level]: r.predict_file(p), None)
             for name, (fn, nfe) in methods.items():
                 out, seconds = timed(fn)
                 info = getattr(out, "info", {})

@@ -32,20 +32,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks._common import machine, write_section  # noqa: E402
+from medidiff.api import Segmenter  # noqa: E402
 from medidiff.config import Config  # noqa: E402
 from medidiff.data.datasets import read_split, training_dataset  # noqa: E402
-from medidiff.data.io import load_image  # noqa: E402
+from medidiff.io.read import load_image  # noqa: E402
 from medidiff.metrics import dice_per_class  # noqa: E402
-from medidiff.segment import (  # noqa: E402
-    Segmenter,
+from medidiff.tasks.enhance.denoise import crop_batch  # noqa: E402
+from medidiff.tasks.segment.evaluation import (  # noqa: E402
     evaluate_labels,
     load_reference,
-    to_input_space,
     voxel_spacing,
 )
-from medidiff.tasks.denoise import crop_batch  # noqa: E402
-from medidiff.tasks.segment import fuse  # noqa: E402
-from medidiff.train import draw_batch  # noqa: E402
+from medidiff.tasks.segment.task import fuse  # noqa: E402
+from medidiff.training.trainer import draw_batch  # noqa: E402
 
 METHODS = ("ensemble", "ensemble-vote", "single", "unet", "otsu")
 
@@ -127,12 +126,12 @@ def evaluate_case(segmenter: Segmenter, unet, entry: dict) -> tuple[dict, dict]:
     spacing = voxel_spacing(affine)
     seconds = {}
     started = time.perf_counter()
-    result = segmenter.segment_file(entry["image"])
+    result = segmenter.predict_file(entry["image"])
     seconds["diffusion"] = time.perf_counter() - started
-    pipeline, data = segmenter.preprocess(Path(entry["image"]))
+    prep = segmenter.prepare_file(Path(entry["image"]))
 
     def labels_of(probs: torch.Tensor) -> np.ndarray:
-        return to_input_space(pipeline, data, probs, segmenter.settings.resample)[0]
+        return segmenter.to_input_space(prep, probs)[0]
 
     def score(probs: torch.Tensor) -> dict:
         return evaluate_labels(labels_of(probs), reference, k, spacing)
@@ -148,7 +147,7 @@ def evaluate_case(segmenter: Segmenter, unet, entry: dict) -> tuple[dict, dict]:
     out["ensemble-size"] = {n: mean_dice(fuse(result.grid.samples[:n], "mean"))
                             for n in range(1, len(singles) + 1)}
     started = time.perf_counter()
-    out["unet"] = score(unet_probabilities(unet, data["image"].as_tensor(), cfg))
+    out["unet"] = score(unet_probabilities(unet, prep.volume, cfg))
     seconds["unet"] = time.perf_counter() - started
     out["otsu"] = evaluate_labels(otsu_labels(raw[0]), reference, k, spacing)
     return out, seconds

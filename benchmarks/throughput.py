@@ -47,8 +47,10 @@ from medidiff.config import load_config  # noqa: E402
 from medidiff.data.datasets import read_split  # noqa: E402
 from medidiff.diffusion.schedule import NoiseSchedule  # noqa: E402
 from medidiff.models.folder import build_network  # noqa: E402
-from medidiff.tracking import device_name  # noqa: E402
-from medidiff.train import Trainer, amp_dtype, draw_batch  # noqa: E402
+from medidiff.runtime import amp_dtype  # noqa: E402
+from medidiff.tasks.registry import get_task  # noqa: E402
+from medidiff.tracking.tracker import device_name  # noqa: E402
+from medidiff.training.trainer import Trainer, draw_batch  # noqa: E402
 
 
 class PeakMemory:
@@ -87,7 +89,7 @@ class PlainLoop:
 
     def __init__(self, cfg, device: torch.device, amp: torch.dtype | None, weights: dict):
         self.device, self.amp = device, amp
-        self.net = build_network(cfg).to(device)
+        self.net = build_network(cfg, get_task(cfg.task)).to(device)
         self.net.load_state_dict(weights)
         self.scheduler = NoiseSchedule(**cfg.diffusion.model_dump()).to_monai()
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.train.lr,
@@ -137,7 +139,7 @@ def training(cfg, data: Path, work: Path, device: torch.device, args) -> tuple[l
     for name, mode in precisions.items():
         pcfg = cfg.model_copy(deep=True)
         pcfg.train.amp, pcfg.train.device = mode, str(device)
-        trainer = Trainer(pcfg, data, work / f"model-{name}")
+        trainer = Trainer(pcfg, data, work / f"model-{name}", task=get_task(pcfg.task))
         amp = amp_dtype(pcfg, device)
         label = f"{name} ({str(amp).replace('torch.', '')})" if amp else name
         loops[("medidiff Trainer.train_step", label)] = trainer
@@ -179,7 +181,7 @@ def scoring(trainer: Trainer, data: Path, device: torch.device, args) -> dict:
     folder = trainer.finish()
     detector = AnomalyDetector.load(folder, device=str(device))
     scans = [e["image"] for e in read_split(data, "test")][:args.score_volumes]
-    volumes = [detector.preprocess(Path(scan))[1]["image"] for scan in scans]
+    volumes = [detector.prepare_file(Path(scan)).image for scan in scans]
     axis = detector.cfg.data.slice_axis
     middle = volumes[0].shape[axis + 1] // 2
     detector.score_grid(volumes[0].narrow(axis + 1, middle - 2, 4))  # warm-up on 4 slices

@@ -14,12 +14,36 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from medidiff.data.io import MAX_VOXELS as MAX_GRID_VOXELS
+from medidiff import names
 from medidiff.errors import ConfigError, InputError
+from medidiff.io.validate import MAX_VOXELS as MAX_GRID_VOXELS
 
 MAX_DRAWS = 256  # noise draws or samples per scan: more only costs time (and batch memory)
 
-TaskName = Literal["anomaly", "denoise", "superres", "segment"]
+
+
+def one_of(valid: tuple[str, ...]) -> Any:
+    """``Literal`` of the names in ``valid`` (a tuple of ``medidiff.names``).
+
+    pydantic then rejects any other value with a message that lists the valid names, and the
+    docs (``medidiff.config_docs``) read them from the annotation.
+    """
+    return Literal.__getitem__(valid)
+
+
+TaskName = one_of(names.TASK_NAMES)
+SamplerName = one_of(names.SAMPLERS)
+ScheduleName = one_of(names.NOISE_SCHEDULES)
+PredictionType = one_of(names.PREDICTION_TYPES)
+AmpMode = one_of(names.AMP_MODES)
+NoiseKind = one_of(names.NOISE_KINDS)
+EncodingName = one_of(names.ENCODINGS)
+FusionName = one_of(names.FUSIONS)
+ResampleMode = one_of(names.RESAMPLE_MODES)
+BiasCorrection = one_of(names.BIAS_CORRECTIONS)
+Registration = one_of(names.REGISTRATIONS)
+TemplateName = one_of(names.TEMPLATES)
+SkullStrip = one_of(names.SKULL_STRIPS)
 
 
 class _Section(BaseModel):
@@ -29,20 +53,40 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     """How scans become training examples (MONAI transforms, see ``medidiff.data.transforms``)."""
 
-    spatial_dims: Literal[2, 3] = 2
-    slice_axis: Literal[0, 1, 2] = 2
-    spacing: list[float] | None = Field(default=None, description="resample to this spacing (mm)")
-    size: list[int] = Field(default_factory=lambda: [64, 64])
-    patch: list[int] | None = None
-    intensity_percentiles: tuple[float, float] = (0.0, 99.5)
+    spatial_dims: Literal[2, 3] = Field(
+        default=2, description="2: the model sees slices of the volumes; 3: volumes or patches")
+    slice_axis: Literal[0, 1, 2] = Field(
+        default=2,
+        description="2D: the axis slices are taken along, after RAS reorientation (2 = axial)")
+    spacing: list[float] | None = Field(
+        default=None, description="resample to this spacing in mm (null keeps the scan's)")
+    size: list[int] = Field(
+        default_factory=lambda: [64, 64],
+        description="model grid: in-plane size (2D) or volume size (3D), padded or cropped")
+    patch: list[int] | None = Field(
+        default=None, description="3D: random training patch size (null: the whole grid)")
+    intensity_percentiles: tuple[float, float] = Field(
+        default=(0.0, 99.5), description="percentiles mapped to 0 and 1")
     intensity_ceiling: float = Field(
         default=1.0, ge=1.0, le=10.0,
-        description="the percentiles map to [0, 1]; values are then clipped to [0, ceiling]. "
-                    "Above 1, what is brighter than the brightest healthy tissue stays so")
-    min_foreground: float = Field(default=0.1, ge=0.0, le=1.0)
-    foreground_threshold: float = Field(default=0.02, ge=0.0, le=1.0)
-    cache: bool = True
-    augment: bool = False
+        description="intensities are then clipped to [0, ceiling]; above 1, voxels brighter "
+                    "than the brightest healthy tissue (a hyperintense lesion in white matter) "
+                    "stay brighter instead of being clipped to it")
+    min_foreground: float = Field(
+        default=0.1, ge=0.0, le=1.0,
+        description="2D: training slices need this share of foreground voxels")
+    foreground_threshold: float = Field(
+        default=0.02, ge=0.0, le=1.0, description="intensity above which a voxel is foreground")
+    cache: bool = Field(
+        default=True, description="cache preprocessed volumes in memory (MONAI `CacheDataset`)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_augment(cls, data: Any) -> Any:
+        """``data.augment`` was read by nothing and is gone; model.yaml files that hold it load."""
+        if isinstance(data, dict) and "augment" in data:
+            data = {k: v for k, v in data.items() if k != "augment"}
+        return data
 
     @model_validator(mode="after")
     def _check_sizes(self) -> DataConfig:
@@ -64,46 +108,68 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     """Arguments of MONAI's ``DiffusionModelUNet`` (see ``medidiff.models.unet``)."""
 
-    channels: list[int] = Field(default_factory=lambda: [32, 64, 64])
-    attention_levels: list[bool] = Field(default_factory=lambda: [False, False, True])
-    num_res_blocks: int = Field(default=1, ge=1)
-    num_head_channels: int = Field(default=32, ge=1)
-    norm_num_groups: int = Field(default=32, ge=1)
+    channels: list[int] = Field(default_factory=lambda: [32, 64, 64],
+                                description="`DiffusionModelUNet` channels per level")
+    attention_levels: list[bool] = Field(default_factory=lambda: [False, False, True],
+                                         description="self-attention per level")
+    num_res_blocks: int = Field(default=1, ge=1, description="residual blocks per level")
+    num_head_channels: int = Field(default=32, ge=1, description="channels per attention head")
+    norm_num_groups: int = Field(default=32, ge=1,
+                                 description="group-norm groups (must divide every channel count)")
 
 
 class DiffusionConfig(_Section):
     """The training noise schedule (MONAI ``DDPMScheduler`` betas)."""
 
-    num_train_timesteps: int = Field(default=1000, ge=10)
-    schedule: Literal["linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine"] = "linear_beta"
-    beta_start: float = Field(default=1e-4, gt=0)
-    beta_end: float = Field(default=0.02, gt=0)
-    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
+    num_train_timesteps: int = Field(default=1000, ge=10,
+                                     description="T, the number of training noise levels")
+    schedule: ScheduleName = Field(default="linear_beta",
+                                                    description="MONAI beta schedule")
+    beta_start: float = Field(default=1e-4, gt=0, description="the schedule's first beta")
+    beta_end: float = Field(default=0.02, gt=0, description="the schedule's last beta")
+    prediction_type: PredictionType = Field(
+        default="epsilon", description="what the network predicts")
 
 
 class TrainConfig(_Section):
     """The one training loop shared by every task."""
 
-    steps: int = Field(default=2000, ge=1)
-    batch_size: int = Field(default=16, ge=1)
-    lr: float = Field(default=2e-4, gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
-    warmup_steps: int = Field(default=100, ge=0)
-    grad_clip: float | None = 1.0
-    ema_decay: float = Field(default=0.999, ge=0, lt=1)
-    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
-    checkpoint_every: int = Field(default=200, ge=1)
-    sample_every: int = Field(default=500, ge=1)
-    log_every: int = Field(default=20, ge=1)
-    seed: int = 0
-    num_workers: int = Field(default=0, ge=0)
-    device: str = "auto"
-    max_minutes: float | None = Field(default=None, gt=0)
+    steps: int = Field(default=2000, ge=1, description="optimisation steps")
+    batch_size: int = Field(default=16, ge=1, description="examples per step, per process")
+    lr: float = Field(default=2e-4, gt=0,
+                      description="AdamW learning rate; linear warm-up then cosine decay to 10%")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay")
+    warmup_steps: int = Field(default=100, ge=0,
+                              description="steps of linear learning-rate warm-up")
+    grad_clip: float | None = Field(default=1.0, description="gradient norm clipping (null: off)")
+    ema_decay: float = Field(
+        default=0.999, ge=0, lt=1,
+        description="EMA of the weights; the model folder holds the EMA weights")
+    amp: AmpMode = Field(
+        default="auto",
+        description="mixed precision: `auto` (bf16 on GPUs that support it, else fp16; off on "
+                    "CPU), `off`, `bf16`, `fp16`")
+    checkpoint_every: int = Field(
+        default=200, ge=1, description="steps between checkpoints (`checkpoints/last.pt`, atomic)")
+    checkpoint_minutes: float | None = Field(
+        default=5.0, gt=0,
+        description="also checkpoint once this many minutes have passed since the last "
+                    "checkpoint, so a kill loses at most this much work (null: steps only)")
+    sample_every: int = Field(default=500, ge=1,
+                              description="steps between sample grids logged to MLflow")
+    log_every: int = Field(default=20, ge=1, description="steps between metric logs")
+    seed: int = Field(default=0, description="seeds everything")
+    num_workers: int = Field(
+        default=0, ge=0, description="worker processes that preprocess the scans (0: this one)")
+    device: str = Field(default="auto", description="`auto`, `cpu`, `cuda`, `cuda:N`")
+    max_minutes: float | None = Field(
+        default=None, gt=0,
+        description="stop after this wall-clock budget (the model is written as usual)")
     max_timestep: int | None = Field(
         default=None, ge=1,
-        description="train on timesteps below this only (a model that is only ever used from "
-                    "partial noise, like an anomaly model scored at t <= 350, spends all its "
-                    "capacity where it is used; it cannot sample from pure noise)")
+        description="train on noise levels below this only: a model used from partial noise "
+                    "alone (an anomaly model scored at t ≤ 350) spends its capacity where it is "
+                    "used; scoring above it is refused, and it cannot sample from pure noise")
 
     @field_validator("amp", mode="before")
     @classmethod
@@ -115,37 +181,55 @@ class TrainConfig(_Section):
 class AnomalyConfig(_Section):
     """Reconstruction-based scoring (AnoDDPM and successors): partial noising, reverse, residual."""
 
-    sampler: Literal["ddpm", "ddim", "dpmpp2m", "x0"] = "ddim"
-    noise_levels: list[int] = Field(default_factory=lambda: [250])
-    steps: int = Field(default=5, ge=1)
-    draws: int = Field(default=4, ge=1, le=MAX_DRAWS)
-    eta: float = Field(default=1.0, ge=0.0, le=1.0)
-    median_kernel: int = Field(default=5, ge=1)
+    sampler: SamplerName = Field(default="ddim", description="default scoring sampler")
+    noise_levels: list[int] = Field(default_factory=lambda: [250],
+                                    description="partial noise levels (training timesteps)")
+    steps: int = Field(default=5, ge=1, description="sampler steps per level")
+    draws: int = Field(default=4, ge=1, le=MAX_DRAWS,
+                       description="noise draws per level, averaged")
+    eta: float = Field(default=1.0, ge=0.0, le=1.0,
+                       description="DDIM stochasticity (1: ancestral sampling)")
+    median_kernel: int = Field(
+        default=5, ge=1, description="median filter size of the map (voxels of the model grid)")
     standardise: bool = Field(
         default=True,
-        description="divide the residual voxel-wise by its spread over the healthy validation "
-                    "scans (after subtracting their mean), so that places every reconstruction "
-                    "misses, such as cortical folds, stop looking anomalous (docs/benchmarks.md); "
-                    "needs scans in a common space, as the z-score baseline, and at least 3 "
-                    "validation scans, otherwise the map stays the raw residual")
-    score_top_fraction: float = Field(default=0.01, gt=0, le=1)
-    target_fpr: float = Field(default=0.01, gt=0, lt=1)
-    scan_fpr: float = Field(default=0.05, gt=0, lt=1)
-    batch_size: int = Field(default=32, ge=1)
-    seed: int = 0
+        description="divide the residual, voxel by voxel, by its spread over the healthy "
+                    "validation scans (after subtracting their mean); on whole volumes it lifted "
+                    "pooled AP from 0.78 to 0.84 (docs/benchmarks.md); needs scans in a common "
+                    "space (as the z-score baseline) and at least 3 validation scans, otherwise "
+                    "the map stays the raw residual")
+    score_top_fraction: float = Field(
+        default=0.01, gt=0, le=1,
+        description="per-scan score: mean of this top share of foreground map values")
+    target_fpr: float = Field(
+        default=0.01, gt=0, lt=1,
+        description="voxel false-positive rate on healthy validation scans for the mask threshold")
+    scan_fpr: float = Field(default=0.05, gt=0, lt=1,
+                            description="scan false-positive rate for the `flagged` threshold")
+    batch_size: int = Field(default=32, ge=1,
+                            description="network batch when scoring (draws included)")
+    seed: int = Field(default=0, description="seed of the scoring noise")
 
 
 class _EnhanceConfig(_Section):
     """What denoising and super-resolution share: 2D slice context, intensity jitter, sampling."""
 
     context: int = Field(default=0, ge=0, description="2D: neighbour slices on each side")
-    intensity_jitter: float = Field(default=0.2, ge=0.0, lt=1.0)
-    sampler: Literal["ddpm", "ddim", "dpmpp2m", "x0"] = "ddim"
-    steps: int = Field(default=10, ge=1)
-    eta: float = Field(default=0.0, ge=0.0, le=1.0)
-    samples: int = Field(default=1, ge=1, le=MAX_DRAWS)
-    batch_size: int = Field(default=32, ge=1)
-    seed: int = 0
+    intensity_jitter: float = Field(
+        default=0.2, ge=0.0, lt=1.0,
+        description="training: each example's intensities are scaled by a random factor in "
+                    "1 ± this, so the output follows the input's scale")
+    sampler: SamplerName = Field(default="ddim", description="reverse sampler")
+    steps: int = Field(default=10, ge=1, description="sampler steps")
+    eta: float = Field(default=0.0, ge=0.0, le=1.0,
+                       description="DDIM stochasticity (0: deterministic, 1: ancestral)")
+    samples: int = Field(
+        default=1, ge=1, le=MAX_DRAWS,
+        description="samples per scan: the output is their mean (with more than 1, their "
+                    "standard deviation is written too)")
+    batch_size: int = Field(default=32, ge=1,
+                            description="slices or windows per network batch, samples included")
+    seed: int = Field(default=0, description="seed of the sampling noise")
 
 
 class DenoiseConfig(_EnhanceConfig):
@@ -156,9 +240,18 @@ class DenoiseConfig(_EnhanceConfig):
     reaches the network as one of ``noise_bins`` class labels.
     """
 
-    noise: list[Literal["rician", "gaussian"]] = Field(default_factory=lambda: ["rician", "gaussian"])
-    sigma_range: tuple[float, float] = (0.02, 0.15)
-    noise_bins: int = Field(default=16, ge=2)
+    noise: list[NoiseKind] = Field(
+        default_factory=lambda: list(names.NOISE_KINDS),
+        description="noise kinds added to the training scans, drawn per example (one name or a "
+                    "list)")
+    sigma_range: tuple[float, float] = Field(
+        default=(0.02, 0.15),
+        description="training noise sigma, uniform in this range, as a fraction of the brain's "
+                    "99th-percentile intensity (0 < low ≤ high)")
+    noise_bins: int = Field(
+        default=16, ge=2,
+        description="the noise level reaches the network as one of this many class labels, "
+                    "even bins up to the top of `sigma_range`")
     foreground_only: float = Field(default=0.5, ge=0.0, le=1.0,
                                    description="fraction of examples with noise in the head only")
     context: int = Field(default=1, ge=0, description="2D: neighbour slices on each side")
@@ -188,8 +281,14 @@ class SuperResConfig(_EnhanceConfig):
     a class label (its index in ``scales``).
     """
 
-    scales: list[int] = Field(default_factory=lambda: [2, 4])
-    axes: list[Literal[0, 1, 2]] | None = None
+    scales: list[int] = Field(
+        default_factory=lambda: [2, 4],
+        description="training downsampling factors (each at least 2); the scale's index is the "
+                    "class label")
+    axes: list[Literal[0, 1, 2]] | None = Field(
+        default=None,
+        description="the super-resolved axes (null: in-plane for 2D models, the slice axis for "
+                    "3D models)")
 
     @model_validator(mode="after")
     def _check_scales(self) -> SuperResConfig:
@@ -208,23 +307,85 @@ class SegmentConfig(_Section):
     """
 
     num_classes: int = Field(default=4, ge=2, description="classes, background 0 included")
-    encoding: Literal["onehot", "bits"] = "onehot"
-    image_channels: int = Field(default=1, ge=1)
-    sampler: Literal["ddpm", "ddim", "dpmpp2m", "x0"] = "ddim"
-    steps: int = Field(default=10, ge=1)
-    eta: float = Field(default=0.0, ge=0.0, le=1.0)
-    samples: int = Field(default=5, ge=1, le=MAX_DRAWS)
-    fusion: Literal["mean", "vote"] = "mean"
-    resample: Literal["nearest", "linear"] = "nearest"
-    batch_size: int = Field(default=32, ge=1)
-    seed: int = 0
+    encoding: EncodingName = Field(
+        default="onehot",
+        description="label code: one channel per class, or ceil(log2 K) analog bits")
+    image_channels: int = Field(default=1, ge=1, description="channels of the input scans")
+    sampler: SamplerName = Field(default="ddim", description="reverse sampler")
+    steps: int = Field(default=10, ge=1, description="sampler steps from pure noise")
+    eta: float = Field(default=0.0, ge=0.0, le=1.0,
+                       description="DDIM stochasticity (0: deterministic, 1: ancestral)")
+    samples: int = Field(default=5, ge=1, le=MAX_DRAWS,
+                         description="label maps drawn per scan and fused")
+    fusion: FusionName = Field(
+        default="mean",
+        description="argmax of the mean class probabilities, or majority vote of the samples' "
+                    "labels")
+    resample: ResampleMode = Field(
+        default="nearest",
+        description="back to the scan's grid: labels by nearest neighbour, or probabilities "
+                    "linearly then argmax")
+    batch_size: int = Field(default=32, ge=1,
+                            description="slices per network batch, samples included")
+    seed: int = Field(default=0, description="seed of the sampling noise")
+
+
+class PreprocessConfig(_Section):
+    """From a scan as the scanner gives it to model input, and back (``medidiff.preprocess``).
+
+    Run identically by training, calibration and every inference command, so that a model is
+    always fed what it was trained on; ``registration: none`` keeps scans that are already
+    aligned as they are.
+    """
+
+    bias_correction: BiasCorrection = Field(
+        default="none", description="N4 bias-field correction (SimpleITK) of the native scan")
+    registration: Registration = Field(
+        default="none", description="align the scan to the head template (rigid or affine, "
+                                    "mutual information, SimpleITK); outputs go back through "
+                                    "the inverse")
+    template: TemplateName = Field(
+        default="mni152-2009c-t1", description="the head template registered to (packaged, "
+                                               "MNI ICBM152 2009c at 2 mm)")
+    skull_strip: SkullStrip = Field(
+        default="none", description="template: keep the template's brain mask (eroded by "
+                                    "mask_erosion_mm) after registration")
+    mask_erosion_mm: float = Field(
+        default=2.0, ge=0.0, le=10.0,
+        description="erode the template brain mask by this much, so that scalp and CSF at the "
+                    "brain's edge that affine alignment leaves are not scored")
+    normalise: bool = Field(
+        default=True, description="divide the registered brain by its 99th-percentile "
+                                  "intensity (inside the brain mask)")
+    threads: int = Field(default=1, ge=1, le=64,
+                         description="threads for N4 and registration; 1 gives the same bytes "
+                                     "on every run")
+    min_correlation: float = Field(
+        default=0.4, ge=-1.0, le=1.0,
+        description="quality control: a registered scan whose correlation with the template "
+                    "inside the brain is lower failed (wrong contrast, not a head, diverged)")
+    min_head_dice: float = Field(
+        default=0.75, ge=0.0, le=1.0,
+        description="quality control: the overlap of the registered scan's head with the "
+                    "template's head below which the registration failed")
+
+    @model_validator(mode="after")
+    def _check_steps(self) -> PreprocessConfig:
+        if self.skull_strip == "template" and self.registration == "none":
+            raise ValueError("preprocess.skull_strip 'template' needs a registration to the "
+                             "template (rigid or affine)")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.registration != "none" or self.bias_correction != "none"
 
 
 class Config(_Section):
     """A whole experiment."""
 
-    task: TaskName = "anomaly"
-    name: str = "experiment"
+    task: TaskName = Field(default="anomaly", description="what the model is for")
+    name: str = Field(default="experiment", description="a label for runs")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
@@ -233,6 +394,7 @@ class Config(_Section):
     denoise: DenoiseConfig = Field(default_factory=DenoiseConfig)
     superres: SuperResConfig = Field(default_factory=SuperResConfig)
     segment: SegmentConfig = Field(default_factory=SegmentConfig)
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
 
     @model_validator(mode="after")
     def _check_max_timestep(self) -> Config:

@@ -28,3 +28,12 @@ class ModelFolderError(InputError):
 
 class TrackingError(MedidiffError):
     """The MLflow tracking server cannot be reached or refused the request."""
+
+
+class QualityError(InputError):
+    """A scan's preprocessing ran but its result is unusable (a failed registration, another
+    contrast or body part); ``reasons`` say why, for the results table."""
+
+    def __init__(self, path: str | Path | None, reasons: list[str]):
+        self.reasons = list(reasons)
+        super().__init__(path, "; ".join(self.reasons))

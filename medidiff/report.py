@@ -6,10 +6,9 @@ import io
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
-from medidiff.data.io import atomic_write_bytes
+from medidiff.io.write import atomic_write_bytes
 
 
 def to_uint8(image: np.ndarray, low: float = 0.0, high: float = 1.0) -> np.ndarray:
@@ -97,70 +96,3 @@ def loss_curve(losses: list[float], every: int, path: str | Path) -> Path:
     plt.close(fig)
     return atomic_write_bytes(Path(path), buffer.getvalue())
 
-
-@torch.no_grad()
-def preview_grid(trainer, count: int = 4, steps: int = 20) -> np.ndarray | None:
-    """Few-step samples from the EMA weights (with a real example's condition if any).
-
-    DPM-Solver++(2M) on log-SNR spaced steps: accurate in few steps, so the grid shows what the
-    model has learnt rather than the sampler's blur.
-    """
-    from medidiff.diffusion.samplers import get_sampler, timestep_schedule
-    from medidiff.models.folder import build_network
-    from medidiff.tasks.base import model_fn
-    from medidiff.train import draw_batch
-
-    if trainer.cfg.data.spatial_dims != 2:
-        return None
-    net = build_network(trainer.cfg).to(trainer.device).eval()
-    trainer.ema.copy_to(net)
-    generator = torch.Generator().manual_seed(1234)
-    batch = draw_batch(trainer.dataset, count, generator)
-    inputs = trainer.task.training_inputs(batch, trainer.cfg, generator)
-    condition = None if inputs.condition is None else inputs.condition.to(trainer.device)
-    labels = None if inputs.class_labels is None else inputs.class_labels.to(trainer.device)
-    shape = inputs.target.shape
-    t_start = trainer.cfg.trained_timesteps() - 1
-    x = torch.randn(shape, generator=generator)
-    if t_start < trainer.schedule.num_train_timesteps - 1:  # reconstruct from partial noise
-        start = torch.full((shape[0],), t_start, dtype=torch.long)
-        x = trainer.schedule.add_noise(inputs.target, x, start)
-    x = x.to(trainer.device)
-    timesteps = timestep_schedule(t_start, steps, spacing="logsnr", schedule=trainer.schedule)
-    sample = get_sampler("dpmpp2m")(model_fn(net, condition, labels), x, timesteps,
-                                    trainer.schedule, generator=generator, clip=True)
-    tiles = [display((s[0].float().cpu().numpy() + 1) / 2) for s in sample]
-    reals = [display((r[0].float().numpy() + 1) / 2) for r in inputs.target]
-    return montage([reals, tiles])
-
-
-def top_slices(volume_map: np.ndarray, axis: int = 2, count: int = 3) -> list[int]:
-    """The indices of the ``count`` slices with the largest total map, in order."""
-    totals = np.moveaxis(volume_map, axis, 0).reshape(volume_map.shape[axis], -1).sum(axis=1)
-    order = np.argsort(totals)[::-1][:count]
-    return sorted(int(i) for i in order)
-
-
-def anomaly_figure(grid, threshold: float | None = None, axis: int = 2, count: int = 3) -> np.ndarray:
-    """Rows of the most anomalous slices: input | reconstruction | map overlay (mask outlined)."""
-    amap = grid.anomaly_map
-    fg_values = amap[grid.foreground] if grid.foreground.any() else amap.ravel()
-    vmax = float(max(np.percentile(fg_values, 99.9), (threshold or 0) * 1.5, 1e-6))
-    if amap.ndim == 2:  # a 2D image: one row
-        arrays = [a[..., None] if a is not None else None
-                  for a in (grid.image, grid.recon, amap)]
-        axis, count = 2, 1
-    else:
-        arrays = [grid.image, grid.recon, amap]
-    image_v, recon_v, amap = arrays
-    rows = []
-    for index in top_slices(amap, axis, count):
-        image = np.take(image_v, index, axis=axis)
-        heat = np.take(amap, index, axis=axis)
-        mask = heat >= threshold if threshold is not None else None
-        row = [display(image)]
-        if recon_v is not None:
-            row.append(display(np.take(recon_v, index, axis=axis)))
-        row.append(display(overlay(image, heat, vmax, mask)))
-        rows.append(row)
-    return montage(rows)

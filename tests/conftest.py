@@ -3,10 +3,7 @@ store, and a real `mlflow server` on loopback."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,8 +12,7 @@ from urllib.request import urlopen
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "configs" / "anomaly" / "cpu-tiny.yaml"
+from tests.helpers import REPO, TINY, free_port, run_cli, stop_server  # noqa: F401 (re-exported)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -48,35 +44,15 @@ def tiny_model(tmp_path_factory, example_data) -> Path:
     """The cpu-tiny anomaly model trained and calibrated on the example data."""
     from medidiff.api import calibrate
     from medidiff.config import load_config
+    from medidiff.tasks.registry import get_task
     from medidiff.tracking import Tracker
-    from medidiff.train import run_training
+    from medidiff.training.trainer import run_training
 
     out = tmp_path_factory.mktemp("models") / "tiny"
-    run_training(load_config(TINY), example_data, out, tracker=Tracker())
+    cfg = load_config(TINY)
+    run_training(cfg, example_data, out, task=get_task(cfg.task), tracker=Tracker())
     calibrate(out, example_data, device="cpu")
     return out
-
-
-def run_cli(*args: str) -> tuple[int, str, str]:
-    """Run the medidiff CLI in-process; returns (exit code, stdout, stderr)."""
-    import contextlib
-    import io
-
-    from medidiff.workflows.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(list(args))
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-    return code, out.getvalue(), err.getvalue()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
@@ -113,14 +89,3 @@ def _wait_for_health(url: str, server: subprocess.Popen, log_path: Path, limit: 
         except OSError:
             time.sleep(0.3)
     pytest.fail(f"mlflow server not healthy after {limit} s:\n{log_path.read_text()[-2000:]}")
-
-
-def stop_server(server: subprocess.Popen) -> None:
-    """Stop the server and the uvicorn worker it started (their own process group)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(server.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        server.wait(timeout=10)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(server.pid, signal.SIGKILL)  # whatever outlived the polite request
-    server.wait(timeout=5)

@@ -12,7 +12,7 @@ import yaml
 
 from medidiff.api import AnomalyDetector
 from medidiff.errors import ModelFolderError
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 
 def _test_scans(example_data: Path) -> list[Path]:
@@ -33,7 +33,7 @@ def test_calibration_is_stored_for_every_method(tiny_model):
 def test_calibrated_threshold_gives_target_fpr_on_healthy_scan(tiny_model, example_data):
     detector = AnomalyDetector.load(tiny_model, device="cpu")
     val = json.loads((example_data / "dataset.json").read_text())["validation"][0]["image"]
-    pipeline, data = detector.preprocess(example_data / val)
+    data = detector.prepare_file(example_data / val).data
     grid = detector.score_grid(data["image"].as_tensor())
     threshold = detector.calibration()["voxel_threshold"]
     fpr = float((grid.anomaly_map[grid.foreground] > threshold).mean())
@@ -94,7 +94,7 @@ def test_baseline_methods_score(tiny_model, example_data, tmp_path):
     scan = _test_scans(example_data)[0]
     for method in ("zscore", "threshold"):
         detector = AnomalyDetector.load(tiny_model, device="cpu", method=method)
-        result = detector.score_file(scan)
+        result = detector.predict_file(scan)
         assert result.anomaly_map.shape == nib.load(scan).shape
         assert result.anomaly_map.max() > 0
 
@@ -103,8 +103,8 @@ def test_score_array_matches_score_file(tiny_model, example_data):
     scan = _test_scans(example_data)[0]
     detector = AnomalyDetector.load(tiny_model, device="cpu")
     image = nib.load(scan)
-    from_file = detector.score_file(scan)
-    from_array = detector.score_array(np.asarray(image.dataobj), image.affine)
+    from_file = detector.predict_file(scan)
+    from_array = detector.predict_array(np.asarray(image.dataobj), image.affine)
     np.testing.assert_allclose(from_file.anomaly_map, from_array.anomaly_map, atol=1e-5)
     assert from_file.score == pytest.approx(from_array.score, rel=1e-5)
 
@@ -164,7 +164,7 @@ def test_png_slice_is_scored_by_a_2d_model(tiny_model, example_data, tmp_path):
 
 
 def _grid(residual: np.ndarray):
-    from medidiff.api import GridResult
+    from medidiff.tasks.anomaly.predictor import GridResult
 
     residual = residual.astype(np.float32)
     shape = residual.shape
@@ -173,9 +173,10 @@ def _grid(residual: np.ndarray):
 
 
 def test_standardisation_discounts_what_every_healthy_reconstruction_misses(tiny_model):
-    from medidiff import baselines
-    from medidiff.api import RESIDUAL_FLOOR, RESIDUAL_SMOOTH, standardise_healthy
-    from medidiff.tasks.anomaly import postprocess
+    from medidiff.tasks.anomaly import baselines
+    from medidiff.tasks.anomaly.calibration import RESIDUAL_SMOOTH, standardise_healthy
+    from medidiff.tasks.anomaly.predictor import RESIDUAL_FLOOR
+    from medidiff.tasks.anomaly.scoring import postprocess
 
     detector = AnomalyDetector.load(tiny_model, device="cpu", standardise=True)
     rng = np.random.default_rng(0)
@@ -225,10 +226,10 @@ def test_calibration_stores_residual_statistics_that_scoring_uses(tiny_model, ex
     stats = detector.residual_stats()
     assert set(stats) == {"mean", "std"} and stats["mean"].min() >= 0
     scan = _test_scans(example_data)[0]
-    standardised = detector.score_file(scan).anomaly_map
+    standardised = detector.predict_file(scan).anomaly_map
     raw = AnomalyDetector.load(model, device="cpu", draws=1, standardise=False)
     assert raw.residual_stats() is None
-    assert not np.allclose(raw.score_file(scan).anomaly_map, standardised)
+    assert not np.allclose(raw.predict_file(scan).anomaly_map, standardised)
     stats_file.write_bytes(b"not safetensors")
     with pytest.raises(ModelFolderError, match="safetensors"):
-        AnomalyDetector.load(model, device="cpu", draws=1, standardise=True).score_file(scan)
+        AnomalyDetector.load(model, device="cpu", draws=1, standardise=True).predict_file(scan)

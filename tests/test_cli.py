@@ -6,7 +6,7 @@ import sys
 import nibabel as nib
 import numpy as np
 
-from tests.conftest import TINY, run_cli
+from tests.helpers import TINY, run_cli
 
 COMMANDS = ["data", "train", "anomaly", "runs", "demo"]
 

@@ -1,11 +1,9 @@
-from pathlib import Path
-
 import pytest
 
+from medidiff import names
 from medidiff.config import Config, apply_overrides, from_dict, load_config
 from medidiff.errors import ConfigError, InputError
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.stem}")
@@ -78,3 +76,37 @@ def test_max_timestep_is_for_anomaly_models_scored_below_it():
         load_config(REPO / "configs" / "anomaly" / "cpu-tiny.yaml", ["train.max_timestep=200"])
     assert load_config(REPO / "configs" / "anomaly" / "cpu-tiny.yaml",
                        ["train.max_timestep=300"]).train.max_timestep == 300
+
+
+def test_old_model_yaml_with_data_augment_still_loads():
+    """``data.augment`` was read by nothing and is gone; configs that still hold it load."""
+    old = Config().to_dict()
+    old["data"]["augment"] = False
+    cfg = from_dict(old)
+    assert "augment" not in cfg.to_dict()["data"]
+    assert cfg == Config()
+    with pytest.raises(ConfigError, match="unknown key 'data.augmnet'"):
+        from_dict({"data": {"augmnet": True}})
+
+
+@pytest.mark.parametrize("key, valid", [
+    ("task", names.TASK_NAMES), ("anomaly.sampler", names.SAMPLERS),
+    ("denoise.sampler", names.SAMPLERS), ("superres.sampler", names.SAMPLERS),
+    ("segment.sampler", names.SAMPLERS), ("segment.fusion", names.FUSIONS),
+    ("segment.encoding", names.ENCODINGS), ("segment.resample", names.RESAMPLE_MODES),
+    ("diffusion.schedule", names.NOISE_SCHEDULES),
+    ("diffusion.prediction_type", names.PREDICTION_TYPES), ("train.amp", names.AMP_MODES),
+    ("denoise.noise", names.NOISE_KINDS),
+])
+def test_names_come_from_the_registry_and_errors_list_them(key, valid):
+    for name in valid:
+        from_dict(apply_overrides({}, [f"{key}={name}"]))
+    with pytest.raises(ConfigError, match=key) as err:
+        from_dict(apply_overrides({}, [f"{key}=nonsense"]))
+    assert all(f"'{name}'" in str(err.value) for name in valid)
+
+
+def test_sampler_registry_matches_the_samplers():
+    from medidiff.diffusion import SAMPLERS
+
+    assert tuple(SAMPLERS) == names.SAMPLERS

@@ -2,7 +2,7 @@
 
 import json
 
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 
 def test_demo_runs_every_stage_on_the_tiny_preset(tmp_path, isolated_mlflow):

@@ -17,9 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY, free_port, run_cli
+from tests.helpers import REPO, TINY, free_port, run_cli
 
-REPO = Path(__file__).resolve().parents[1]
 PROBE = "MEDIDIFF_TEST_DDP_PROBE"  # the folder each worker writes rank{R}.json into
 SHORT = ["train.checkpoint_every=3", "train.log_every=3", "train.sample_every=1000"]
 
@@ -50,7 +49,7 @@ def _digest(value, hasher=None) -> str:
 def _worker(argv: list[str]) -> int:
     from medidiff.workflows.cli import main
 
-    from medidiff import train
+    from medidiff.training import trainer as train
 
     record = {"batches": [], "writes": 0}
     draw = train.draw_batch
@@ -126,7 +125,8 @@ def test_two_cpu_processes_train_like_one_with_the_same_global_batch(tmp_path, e
     from mlflow import MlflowClient
 
     from medidiff.config import load_config
-    from medidiff.train import run_training
+    from medidiff.tasks.registry import get_task
+    from medidiff.training.trainer import run_training
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "ddp"
@@ -151,7 +151,7 @@ def test_two_cpu_processes_train_like_one_with_the_same_global_batch(tmp_path, e
     single = tmp_path / "single"
     for steps, resume in ((6, False), (12, True)):
         cfg = load_config(TINY, [*SHORT, f"train.steps={steps}", "train.batch_size=16"])
-        result = run_training(cfg, example_data, single, resume=resume)
+        result = run_training(cfg, example_data, single, task=get_task(cfg.task), resume=resume)
     # Each rank's window loss is on its own 8 images; their mean is the global batch's loss.
     two = [(a + b) / 2 for a, b in zip(ranks[0]["losses"][-2:], ranks[1]["losses"][-2:],
                                        strict=True)]
@@ -207,7 +207,8 @@ def test_two_concurrent_parts_write_what_one_process_writes(tiny_model, example_
         assert part.returncode == 0, err
         assert "2 scored" in err
     one, two = _outputs(tmp_path / "one"), _outputs(tmp_path / "two")
-    assert sorted(one) == sorted(two) and len(one) == 4 * 3 + 1
+    # 3 files per scan, scores.csv and score_settings.json (the same for any split)
+    assert sorted(one) == sorted(two) and len(one) == 4 * 3 + 2
     assert one == two
     assert one["scores.csv"].count("\n") == 5
 

@@ -10,15 +10,16 @@ import numpy as np
 import pytest
 import torch
 
+from medidiff.api import Denoiser, SuperResolver
 from medidiff.config import load_config
 from medidiff.data import degrade
-from medidiff.enhance import Denoiser, SuperResolver
 from medidiff.errors import InputError, ModelFolderError
 from medidiff.models.folder import build_network
-from medidiff.tasks import denoise, get_task, superres
-from medidiff.tasks.denoise import estimate_sigma, noise_label, sdedit_timestep
-from medidiff.tasks.superres import fine_affine, scale_label
-from tests.conftest import REPO, run_cli
+from medidiff.tasks.enhance import denoise, superres
+from medidiff.tasks.enhance.denoise import estimate_sigma, noise_label, sdedit_timestep
+from medidiff.tasks.enhance.superres import fine_affine, scale_label
+from medidiff.tasks.registry import get_task
+from tests.helpers import REPO, run_cli
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -35,10 +36,10 @@ def _config(task: str, preset: str = "cpu-tiny", *overrides: str):
 
 
 def _train(tmp_path_factory, data: Path, task: str, preset: str) -> Path:
-    from medidiff.train import run_training
+    from medidiff.training.trainer import run_training
 
     out = tmp_path_factory.mktemp("enhance") / f"{task}-{preset}"
-    run_training(_config(task, preset, "train.steps=4"), data, out)
+    run_training(_config(task, preset, "train.steps=4"), data, out, task=get_task(task))
     return out
 
 
@@ -141,7 +142,7 @@ def test_slice_dataset_gives_neighbour_slices_as_channels(example_data):
                                                   ("denoise", "cpu-tiny-3d", 2), ("superres", "cpu-tiny-3d", 2)])
 def test_network_takes_condition_channels_and_class_labels(task, preset, channels):
     cfg = _config(task, preset)
-    net = build_network(cfg)
+    net = build_network(cfg, get_task(task))
     first = next(m for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)))
     assert first.in_channels == channels  # noisy target first, then the condition
     assert net.class_embedding.num_embeddings == get_task(task).num_class_embeds(cfg)
@@ -150,7 +151,7 @@ def test_network_takes_condition_channels_and_class_labels(task, preset, channel
 def test_changing_class_labels_changes_the_output():
     cfg = _config("denoise")
     torch.manual_seed(0)
-    net = build_network(cfg).eval()
+    net = build_network(cfg, get_task("denoise")).eval()
     with torch.no_grad():
         for p in net.parameters():  # the last layer starts at zero: give it weights
             p.add_(0.05 * torch.randn_like(p))
@@ -164,8 +165,8 @@ def test_changing_class_labels_changes_the_output():
 
 def test_noise_level_reaches_a_trained_denoiser(denoise_model, example_data):
     scan = _copy(example_data, "noisy10")
-    low = Denoiser.load(denoise_model, device="cpu", sigma=0.02).denoise_file(scan)
-    high = Denoiser.load(denoise_model, device="cpu", sigma=0.15).denoise_file(scan)
+    low = Denoiser.load(denoise_model, device="cpu", sigma=0.02).predict_file(scan)
+    high = Denoiser.load(denoise_model, device="cpu", sigma=0.15).predict_file(scan)
     assert low.info["class_label"] != high.info["class_label"]
     assert np.abs(low.image - high.image).max() > 1e-4
 
@@ -199,7 +200,7 @@ def test_sdedit_starts_where_the_forward_noise_matches_the_scan():
 
 def test_zero_shot_sdedit_with_an_anomaly_model(tiny_model, example_data, tmp_path):
     denoiser = Denoiser.load(tiny_model, device="cpu", steps=2)
-    results = {k: denoiser.denoise_file(_copy(example_data, k)) for k in ("noisy05", "noisy10")}
+    results = {k: denoiser.predict_file(_copy(example_data, k)) for k in ("noisy05", "noisy10")}
     assert results["noisy05"].info["zero_shot"]
     assert results["noisy05"].info["t_start"] < results["noisy10"].info["t_start"]
     scan = _copy(example_data, "noisy10")
@@ -250,7 +251,7 @@ def test_super_resolve_cli_updates_the_affine_for_the_new_spacing(superres_model
 
 def test_super_resolve_scale_option_and_samples(superres_model, example_data):
     resolver = SuperResolver.load(superres_model, device="cpu", scale=4, samples=2, steps=2)
-    result = resolver.super_resolve_file(_copy(example_data, "lowres4"))
+    result = resolver.predict_file(_copy(example_data, "lowres4"))
     np.testing.assert_allclose(np.linalg.norm(result.affine[:3, :3], axis=0), (2, 2, 2), atol=1e-5)
     assert result.std is not None and result.std.shape == result.image.shape
     assert result.info["factors"] == [4, 4, 1] and result.info["trained_scale"] == 4
@@ -259,7 +260,7 @@ def test_super_resolve_scale_option_and_samples(superres_model, example_data):
 def test_3d_denoiser_runs_with_sliding_windows(tmp_path_factory, example_data):
     model = _train(tmp_path_factory, example_data, "denoise", "cpu-tiny-3d")
     scan = _copy(example_data, "noisy05")
-    result = Denoiser.load(model, device="cpu").denoise_file(scan)
+    result = Denoiser.load(model, device="cpu").predict_file(scan)
     assert result.image.shape == nib.load(scan).shape
     assert max(result.after.shape) > 32  # larger than the 32^3 training patches
     np.testing.assert_allclose(result.affine, nib.load(scan).affine, atol=1e-5)
@@ -271,7 +272,7 @@ def test_3d_super_resolution_of_thick_slices(tmp_path_factory, example_data, tmp
     thick = degrade.downsample(torch.from_numpy(np.asarray(clean.dataobj, np.float32))[None, None],
                                6, dims=(2,))[0, 0].numpy()
     affine = fine_affine(clean.affine, (1, 1, 1 / 6))  # 12 mm slices
-    result = SuperResolver.load(model, device="cpu").super_resolve_array(thick, affine)
+    result = SuperResolver.load(model, device="cpu").predict_array(thick, affine)
     np.testing.assert_allclose(np.linalg.norm(result.affine[:3, :3], axis=0), (6, 6, 6), atol=1e-4)
     assert result.info["factors"] == [1, 1, 2]
     assert result.image.shape[2] == thick.shape[2] * 2
@@ -299,7 +300,7 @@ def test_scan_thinner_than_the_context_is_refused(denoise_model, tmp_path):
     nib.save(nib.Nifti1Image(np.random.default_rng(0).random((40, 40, 2), np.float32),
                              np.diag([2, 2, 2, 1.0])), scan)
     with pytest.raises(InputError, match="needs at least 3"):
-        Denoiser.load(denoise_model, device="cpu").denoise_file(scan)
+        Denoiser.load(denoise_model, device="cpu").predict_file(scan)
 
 
 def test_spacing_already_at_target_is_refused(superres_model, example_data, tmp_path):
@@ -336,8 +337,8 @@ def test_super_resolution_keeps_the_input_axis_order(superres_model, example_dat
     # old origin, so it would mirror the scan in world space)
     flipped = nib.Nifti1Image(np.asarray(scan.dataobj)[::-1], scan.affine @ flip)
     resolver = SuperResolver.load(superres_model, device="cpu", sampler="x0", steps=1)
-    ras = resolver.super_resolve_array(np.asarray(scan.dataobj), scan.affine)
-    las = resolver.super_resolve_array(np.asarray(flipped.dataobj), flipped.affine)
+    ras = resolver.predict_array(np.asarray(scan.dataobj), scan.affine)
+    las = resolver.predict_array(np.asarray(flipped.dataobj), flipped.affine)
     assert nib.aff2axcodes(las.affine) == ("L", "A", "S")
     np.testing.assert_allclose(las.image[::-1], ras.image, atol=1e-4)
     last = las.image.shape[0] - 1

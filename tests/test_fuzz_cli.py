@@ -14,7 +14,6 @@ import os
 import resource
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,68 +26,32 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from pydicom.data import get_testdata_file
-from pydicom.uid import generate_uid
 
-from tests.conftest import REPO, run_cli
-from tests.test_io import _huge_header
+from tests.helpers import (
+    INFERENCE_COMMANDS,
+    MEDIDIFF,
+    SPACING,
+    available_commands,
+    head,
+    huge_header,
+    mr_series,
+    nifti_bytes,
+    random_model,
+    run_cli,
+)
 
-MEDIDIFF = Path(sys.executable).with_name("medidiff")
-
-# command -> (CLI words, model task, workflow module, output suffix of the main NIfTI)
-_COMMANDS = {
-    "anomaly score": (("anomaly", "score"), "anomaly", "anomaly_cmd", "_anomaly.nii.gz"),
-    "denoise": (("denoise",), "denoise", "enhance_cmd", "_denoised.nii.gz"),
-    "super-resolve": (("super-resolve",), "superres", "enhance_cmd", "_sr.nii.gz"),
-    "segment": (("segment",), "segment", "segment_cmd", "_seg.nii.gz"),
-}
-
-
-def _available() -> list[str]:
-    """Inference commands whose workflow exists and is registered with the CLI."""
-    from medidiff.workflows.cli import cli
-
-    return [name for name, (words, _, module, _) in _COMMANDS.items()
-            if (REPO / "workflows" / f"{module}.py").is_file() and words[0] in cli.commands]
-
-
-COMMANDS = _available()
+COMMANDS = available_commands()
 RNG = np.random.default_rng(7)
 
 
 # -- models and scans ----------------------------------------------------------------------------
 
 
-def random_model(folder: Path, task: str) -> Path:
-    """A model folder of the task's cpu-tiny preset with untrained weights."""
-    from medidiff.config import load_config
-    from medidiff.models.folder import build_network, save_model_folder
-
-    cfg = load_config(REPO / "configs" / task / "cpu-tiny.yaml")
-    return save_model_folder(folder, cfg, build_network(cfg).state_dict(), {"steps": 0})
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("random-models")
-    return {name: random_model(root / _COMMANDS[name][1], _COMMANDS[name][1])
+    return {name: random_model(root / INFERENCE_COMMANDS[name][1], INFERENCE_COMMANDS[name][1])
             for name in COMMANDS}
-
-
-def head(shape=(16, 16, 12)) -> np.ndarray:
-    """A bright textured block in a dark background: a scan with a foreground."""
-    data = np.zeros(shape, np.float32)
-    inner = tuple(slice(max(1, n // 5), n - max(1, n // 5)) for n in shape)
-    data[inner] = 100 + 50 * RNG.random(data[inner].shape)
-    return data
-
-
-# 8 mm in-plane: coarser than the models' 4 mm, so super-resolution has something to do
-SPACING = np.diag([8.0, 8.0, 4.0, 1.0])
-
-
-def nifti_bytes(data: np.ndarray, affine=SPACING, gz: bool = True) -> bytes:
-    raw = nib.Nifti1Image(data, affine).to_bytes()
-    return gzip.compress(raw, mtime=0) if gz else raw
 
 
 def _with_header(data: np.ndarray, change) -> bytes:
@@ -113,29 +76,6 @@ def _png(array: np.ndarray, mode: str | None = None, **kwargs) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", **kwargs)
     return buffer.getvalue()
-
-
-def mr_series(folder: Path, count: int = 6, *, step: float = 4.0, pixel_spacing: float = 4.0,
-              depths=None, fields: dict | None = None, name: str = "MR_small.dcm") -> Path:
-    """A DICOM series of `count` slices of one of pydicom's test files, evenly spaced.
-
-    `fields` are set on every slice (e.g. planted patient identifiers).
-    """
-    folder.mkdir(parents=True)
-    series = generate_uid()
-    for i, depth in enumerate(range(count) if depths is None else depths):
-        ds = pydicom.dcmread(get_testdata_file(name))
-        x, y, z = (float(v) for v in ds.ImagePositionPatient)
-        ds.ImagePositionPatient = [x, y, z + step * depth]
-        ds.PixelSpacing = [pixel_spacing, pixel_spacing]
-        ds.SliceThickness = step
-        ds.InstanceNumber, ds.SeriesInstanceUID, ds.SOPInstanceUID = i + 1, series, generate_uid()
-        pixels = ds.pixel_array
-        ds.PixelData = (pixels.astype(np.int32) + 40 * i).astype(pixels.dtype).tobytes()
-        for key, value in (fields or {}).items():
-            setattr(ds, key, value)
-        ds.save_as(folder / f"slice{i:03d}.dcm")
-    return folder
 
 
 def _dicom_cases(root: Path) -> dict[str, str]:
@@ -203,7 +143,7 @@ def hostile_inputs(root: Path) -> tuple[dict[str, str], list[str]]:
     refused = {name: word for name, (_, word) in files.items()}
     refused["fifo.nii.gz"] = "not a regular file"
     for name in ("huge_plain.nii", "huge_gz.nii.gz"):  # 100000^3 voxels declared in < 1 KB
-        assert _huge_header(root / name).stat().st_size < 1024
+        assert huge_header(root / name).stat().st_size < 1024
         refused[name] = "1000000000000000 voxels"
     refused.update(_dicom_cases(root))
 
@@ -264,7 +204,7 @@ def messages_about(err: str, path: Path) -> set[str]:
 
 
 def case_of(name: str) -> str:
-    from medidiff.data.io import case_name
+    from medidiff.io.discover import case_name
 
     return case_name(name)
 
@@ -274,7 +214,7 @@ def check_answer(command: str, inputs: list[Path], out: Path, code: int, err: st
     """Every input was processed (outputs complete) or refused in exactly one message."""
     assert code in (0, 2), err
     assert "Traceback" not in err, err
-    suffix = _COMMANDS[command][3]
+    suffix = INFERENCE_COMMANDS[command][3]
     outcome = {}
     for path in inputs:
         said = messages_about(err, path)
@@ -297,7 +237,7 @@ def check_answer(command: str, inputs: list[Path], out: Path, code: int, err: st
 
 
 def run_command(command: str, model: Path, out: Path, inputs: list[Path], *extra: str):
-    words = _COMMANDS[command][0]
+    words = INFERENCE_COMMANDS[command][0]
     with time_limit(600):
         return run_cli(*words, "--model", str(model), "--out", str(out), "--no-tracking",
                        *extra, *map(str, inputs))
@@ -324,7 +264,7 @@ def test_header_claiming_100000_cubed_voxels_is_refused_fast_in_bounded_memory(h
     """A real process: refused before allocation, peak RSS of the CLI's own size."""
     root, _, _ = hostile
     names = ["huge_plain.nii", "huge_gz.nii.gz", "far_apart.nii.gz", "dcm_huge", "fifo.nii.gz"]
-    words = _COMMANDS["anomaly score"][0]
+    words = INFERENCE_COMMANDS["anomaly score"][0]
     args = [str(MEDIDIFF), *words, "--model", str(models["anomaly score"]), "--out",
             str(tmp_path / "out"), "--no-tracking", *(str(root / n) for n in names)]
     code, err, peak_kb, seconds = run_measured(args, tmp_path, timeout=240)

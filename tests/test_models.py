@@ -23,6 +23,7 @@ from medidiff.models import (
     spatial_multiple,
 )
 from medidiff.models.checkpoint import HASH_MISMATCH, UNSAFE
+from tests.helpers import REPO, random_model
 
 TINY = {
     "channels": (16, 32),
@@ -301,3 +302,62 @@ def test_damaged_or_missing_checkpoint_is_a_model_folder_error(tmp_path):
         load_checkpoint(path)
     with pytest.raises(ModelFolderError, match="missing"):
         load_checkpoint(tmp_path / "nope.pt")
+
+
+# -- the model folder -----------------------------------------------------------------------------
+
+
+def _model_folder(folder):
+    return random_model(folder, "anomaly")
+
+
+@pytest.mark.parametrize("found", ["medidiff-model/2", "other-tool/1", None, 1, "missing"])
+def test_model_folder_of_another_format_is_refused_in_one_line(tmp_path, found):
+    import yaml
+
+    from medidiff.tasks.registry import load_model
+
+    folder = _model_folder(tmp_path / "model")
+    meta = yaml.safe_load((folder / "model.yaml").read_text())
+    if found == "missing":
+        del meta["format"]
+    else:
+        meta["format"] = found
+    (folder / "model.yaml").write_text(yaml.safe_dump(meta))
+    with pytest.raises(ModelFolderError) as err:
+        load_model(folder)
+    message = str(err.value)
+    assert "\n" not in message and str(folder / "model.yaml") in message
+    assert "this medidiff reads 'medidiff-model/1'" in message
+    if found == "missing":
+        assert "no 'format' key" in message
+    else:
+        assert f"newer or foreign tool (format {found!r})" in message
+
+
+def test_model_folder_loads_through_the_registry_with_its_task(tmp_path):
+    from medidiff.models import folder as model_folder
+    from medidiff.tasks.registry import get_task, load_model
+
+    folder = _model_folder(tmp_path / "model")
+    assert load_model(folder).task == "anomaly"
+    assert load_model(folder, task="anomaly", device="cpu").net.training is False
+    with pytest.raises(ModelFolderError, match="holds a 'anomaly' model, not a 'segment' model"):
+        load_model(folder, task="segment")
+    with pytest.raises(ModelFolderError, match="not a 'denoise' model"):
+        model_folder.load_model(folder, get_task("denoise"))
+    with pytest.raises(ConfigError, match="task 'nope' is not available"):
+        get_task("nope")
+
+
+def test_models_import_no_task():
+    """Layering: models sit below tasks, so no module of medidiff.models imports medidiff.tasks
+    (not even inside a function)."""
+    import ast
+
+    package = REPO / "medidiff" / "models"
+    for path in package.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not [n for n in names if n.startswith("medidiff.tasks")], path.name

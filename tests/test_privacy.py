@@ -21,7 +21,9 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from tests.test_fuzz_cli import _COMMANDS, COMMANDS, mr_series, random_model
+from tests.helpers import INFERENCE_COMMANDS, available_commands, mr_series, random_model
+
+COMMANDS = available_commands()
 
 PLANTED = {
     "PatientName": "DOE^JANE_PLANTED",
@@ -113,7 +115,7 @@ def test_dicom_identifiers_never_reach_any_written_byte(tiny_model, tmp_path):
     work.mkdir()
     runs = []
     for name in COMMANDS:
-        words, task = _COMMANDS[name][:2]
+        words, task = INFERENCE_COMMANDS[name][:2]
         model = tiny_model if task == "anomaly" else random_model(tmp_path / f"m-{task}", task)
         runs.append([*words, "--model", str(model), "--out", str(work / f"out-{task}"),
                      "--experiment", f"privacy-{task}", *map(str, inputs)])

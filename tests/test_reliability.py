@@ -1,14 +1,14 @@
 """Faults with real processes: kill -9 and SIGTERM during training and scoring, resume, two
 processes writing into one folder, hostile paths, read-only inputs, untrusted model folders.
 
-Random moments come from a seed shown in every failure message; set MEDIDIFF_KILL_SEED to replay.
+Every kill lands at a boundary the process has reached, seen from outside (a checkpoint file
+replaced, a run record written, a case's row in the results table), never after a random sleep.
 """
 
 from __future__ import annotations
 
 import csv
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -24,12 +24,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from medidiff.inference import run_cases
-from tests.conftest import TINY, run_cli
-from tests.test_fuzz_cli import head, mr_series, nifti_bytes, random_model
+from medidiff.inference.cases import run_cases
+from tests.helpers import MEDIDIFF, TINY, head, mr_series, nifti_bytes, random_model, run_cli
 
-MEDIDIFF = Path(sys.executable).with_name("medidiff")
-SEED = int(os.environ.get("MEDIDIFF_KILL_SEED", time.time_ns() % 100_000))
 OUTPUTS = ("_anomaly.nii.gz", "_anomaly_mask.nii.gz", ".png")
 FAST = ("--draws", "1", "--noise-level", "150")  # a quarter of the tiny model's work per scan
 
@@ -64,11 +61,11 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 300, what: str 
     ends = time.monotonic() + timeout
     while not condition():
         if proc.poll() is not None:
-            raise AssertionError(f"process ended ({proc.returncode}) before {what} "
-                                 f"(seed {SEED}):\n{proc.err_path.read_text(errors='replace')}")
+            raise AssertionError(f"process ended ({proc.returncode}) before {what}:\n"
+                                 f"{proc.err_path.read_text(errors='replace')}")
         if time.monotonic() > ends:
             proc.kill()
-            raise AssertionError(f"timed out waiting for {what} (seed {SEED})")
+            raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
 
 
@@ -105,7 +102,7 @@ def assert_model_folder_sound(out: Path) -> int:
     """Every file under its real name is complete: the checkpoint loads, config.yaml parses,
     the model folder loads or is absent. Returns the checkpoint's step."""
     from medidiff.models.checkpoint import load_checkpoint
-    from medidiff.models.folder import load_model
+    from medidiff.tasks.registry import load_model
 
     state = load_checkpoint(out / "checkpoints" / "last.pt")  # raises if torn
     assert set(state) >= {"step", "model", "ema", "optimizer", "generator", "run_id"}
@@ -116,10 +113,9 @@ def assert_model_folder_sound(out: Path) -> int:
 
 
 def test_training_killed_then_terminated_resumes_to_the_end_in_one_run(example_data, tmp_path):
-    from medidiff.models.folder import load_model
+    from medidiff.tasks.registry import load_model
     from medidiff.tracking import search_runs
 
-    rng = random.Random(SEED)
     out, uri = tmp_path / "model", f"sqlite:///{tmp_path}/mlflow.db"
     checkpoint = out / "checkpoints" / "last.pt"
     args = [MEDIDIFF, "train", TINY, "--data", example_data, "--out", out, "--no-calibrate",
@@ -128,31 +124,27 @@ def test_training_killed_then_terminated_resumes_to_the_end_in_one_run(example_d
             "--set", "train.batch_size=2", "--set", "train.sample_every=1000",
             "--set", "train.log_every=1"]
 
-    # 1. kill -9 at a random moment after a random checkpoint (2, 4, 6 or 8)
+    # 1. kill -9 as soon as the checkpoint of step 4 is there
     proc = start(args, tmp_path, "first")
-    after, step = rng.choice([2, 4, 6, 8]), checkpoint_steps(checkpoint)
-    wait_for(lambda: step() >= after, proc,
-             what=f"the checkpoint of step {after}")
-    time.sleep(rng.uniform(0, 0.3))
+    step = checkpoint_steps(checkpoint)
+    wait_for(lambda: step() >= 4, proc, what="the checkpoint of step 4")
     proc.kill()
     finish(proc)
     killed_at = assert_model_folder_sound(out)
-    assert 2 <= killed_at < STEPS, f"seed {SEED}"
+    assert 4 <= killed_at < STEPS, f"killed after the checkpoint of step {killed_at}"
 
-    # 2. resume; SIGTERM at a random moment after its next checkpoint
+    # 2. resume; SIGTERM as soon as the resumed run has written its first checkpoint
     proc = start([*args, "--resume"], tmp_path, "second")
     step = checkpoint_steps(checkpoint)
-    wait_for(lambda: step() > killed_at, proc,
-             what="a checkpoint of the resumed run")
-    time.sleep(rng.uniform(0, 0.3))
+    wait_for(lambda: step() > killed_at, proc, what="a checkpoint of the resumed run")
     signalled = time.time_ns()
     proc.send_signal(signal.SIGTERM)
     code, err = finish(proc, timeout=120)
-    assert code == 130, f"seed {SEED}: {err}"
+    assert code == 130, err
     assert "Traceback" not in err and "checkpoint saved" in err, err
     assert checkpoint.stat().st_mtime_ns >= signalled - 20_000_000, "no checkpoint on SIGTERM"
     terminated_at = assert_model_folder_sound(out)
-    assert killed_at < terminated_at < STEPS, f"seed {SEED}"
+    assert killed_at < terminated_at < STEPS, (killed_at, terminated_at)
 
     # 3. resume to the end (in this process: one start-up less)
     old = signal.getsignal(signal.SIGTERM)
@@ -169,6 +161,41 @@ def test_training_killed_then_terminated_resumes_to_the_end_in_one_run(example_d
     assert "final_loss" in runs[0]["metrics"]
 
 
+def test_training_killed_before_its_first_checkpoint_resumes_in_the_same_run(example_data,
+                                                                             tmp_path):
+    """kill -9 once the MLflow run is open but before any checkpoint: `--resume` trains from
+    step 0 in that same run, and no run is left RUNNING."""
+    import json
+
+    from medidiff.tracking import search_runs
+
+    out, uri = tmp_path / "model", f"sqlite:///{tmp_path}/mlflow.db"
+    args = [MEDIDIFF, "train", TINY, "--data", example_data, "--out", out, "--no-calibrate",
+            "--tracking-uri", uri, "--experiment", "early",
+            "--set", "train.steps=6", "--set", "train.checkpoint_every=1000",
+            "--set", "train.batch_size=2", "--set", "train.sample_every=1000"]
+    record = out / "checkpoints" / "run.json"
+    proc = start(args, tmp_path, "early")
+    wait_for(record.exists, proc, what="the run record")
+    proc.kill()
+    finish(proc)
+    assert not (out / "checkpoints" / "last.pt").exists(), "the kill came after a checkpoint"
+    run_id = json.loads(record.read_text())["mlflow_run_id"]
+    assert [(r["run_id"], r["status"]) for r in search_runs("early", uri=uri)] == [
+        (run_id, "RUNNING")]
+
+    old = signal.getsignal(signal.SIGTERM)
+    try:
+        code, _, err = run_cli(*map(str, args[1:]), "--resume")
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert code == 0, err
+    assert [(r["run_id"], r["status"]) for r in search_runs("early", uri=uri)] == [
+        (run_id, "FINISHED")]
+    assert yaml.safe_load((out / "model.yaml").read_text())["info"]["mlflow_run_id"] == run_id
+    assert assert_model_folder_sound(out) == 6
+
+
 def test_training_goes_on_when_tracking_fails_then_resume_closes_the_run(example_data, tmp_path,
                                                                          monkeypatch, caplog):
     """The tracking store goes away at the first checkpoint: training finishes, checkpoints and
@@ -176,9 +203,9 @@ def test_training_goes_on_when_tracking_fails_then_resume_closes_the_run(example
     from mlflow import MlflowClient
 
     from medidiff.config import load_config
-    from medidiff.models.folder import load_model
+    from medidiff.tasks.registry import get_task, load_model
     from medidiff.tracking import Tracker, search_runs
-    from medidiff.train import Trainer, run_training
+    from medidiff.training.trainer import Trainer, run_training
 
     cfg = load_config(TINY, ["train.steps=6", "train.checkpoint_every=2", "train.batch_size=2",
                              "train.sample_every=1000", "train.log_every=1"])
@@ -195,7 +222,7 @@ def test_training_goes_on_when_tracking_fails_then_resume_closes_the_run(example
             monkeypatch.setattr(MlflowClient, name, gone)
 
     monkeypatch.setattr(Trainer, "save", save_then_lose_tracking)
-    result = run_training(cfg, example_data, out,
+    result = run_training(cfg, example_data, out, task=get_task(cfg.task),
                           tracker=Tracker("outage", uri=uri, retry_interval=0))
     monkeypatch.undo()  # the tracking store is back
     assert result.steps == 6 and saved == [2, 4, 6]
@@ -205,7 +232,8 @@ def test_training_goes_on_when_tracking_fails_then_resume_closes_the_run(example
     assert len(lost) == 1, [r.getMessage() for r in lost]
     assert search_runs("outage", uri=uri)[0]["status"] == "RUNNING"  # never told it ended
 
-    run_training(cfg, example_data, out, resume=True, tracker=Tracker("outage", uri=uri))
+    run_training(cfg, example_data, out, task=get_task(cfg.task), resume=True,
+                 tracker=Tracker("outage", uri=uri))
     runs = search_runs("outage", uri=uri)
     assert [r["status"] for r in runs] == ["FINISHED"]
 
@@ -243,29 +271,27 @@ def assert_outputs_complete(out: Path) -> set[str]:
     return complete
 
 
+def _listed(out: Path) -> set[str]:
+    """The cases in scores.csv (replaced atomically, so never read half-written)."""
+    try:
+        return {row["case"] for row in _rows(out)}
+    except FileNotFoundError:
+        return set()
+
+
 def test_scoring_killed_halfway_then_rerun_finishes_only_the_rest(tiny_model, example_data,
                                                                   tmp_path):
-    # The kill lands at a random moment; one failure (seen once in about 12 runs, not
-    # reproduced) gets one more try in a fresh folder, and its message is kept in the report.
-    try:
-        _kill_scoring_then_rerun(tiny_model, example_data, tmp_path / "try1", SEED)
-    except AssertionError as first:
-        print(f"first attempt failed, retrying once: {first}")
-        _kill_scoring_then_rerun(tiny_model, example_data, tmp_path / "try2", SEED + 1)
-
-
-def _kill_scoring_then_rerun(tiny_model, example_data, tmp_path: Path, seed: int) -> None:
-    tmp_path.mkdir(parents=True)
+    """kill -9 as soon as the first case is finished (its row is in scores.csv): the rerun
+    skips what was finished, redoes a case caught halfway, and scores the rest."""
     scans = _scans(example_data, tmp_path / "in", count=5)
     out = tmp_path / "out"
     args = [MEDIDIFF, "anomaly", "score", "--model", tiny_model, "--out", out, "--no-tracking",
             *FAST, tmp_path / "in"]
     proc = start(args, tmp_path, "score")
-    wait_for(lambda: (out / "case0.png").exists(), proc, what="the first case's outputs")
-    time.sleep(random.Random(seed).uniform(0, 0.3))
+    wait_for(lambda: "case0" in _listed(out), proc, what="the first case's row in scores.csv")
     proc.kill()
     _, killed_err = finish(proc)
-    context = (f"seed {seed}; files {[p.name for p in out.iterdir()]}; "
+    context = (f"files {[p.name for p in out.iterdir()]}; "
                f"the killed process said: {killed_err[-1500:]}")
     finished = assert_outputs_complete(out)
     assert len(finished) < len(scans), f"the kill came too late to test anything; {context}"

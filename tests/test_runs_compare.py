@@ -1,4 +1,4 @@
-"""medidiff.runs.compare_runs: the params that differ, key metrics, duration and device."""
+"""medidiff.tracking.compare: the params that differ, key metrics, duration and device."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-import medidiff.runs
+import medidiff.tracking.compare
 from medidiff.errors import InputError
-from medidiff.runs import common_metrics, compare_runs, differing_params
 from medidiff.tracking import Tracker
+from medidiff.tracking.compare import common_metrics, compare_runs, differing_params
 
 EXPERIMENT = "compare"
 
@@ -117,7 +117,7 @@ def test_default_metrics_are_the_eight_most_common_without_system_metrics():
 
 
 def test_runs_module_does_not_import_mlflow():
-    tree = ast.parse(Path(medidiff.runs.__file__).read_text())
+    tree = ast.parse(Path(medidiff.tracking.compare.__file__).read_text())
     names = [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
              for alias in node.names]
     names += [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]

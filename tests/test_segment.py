@@ -12,7 +12,7 @@ import yaml
 
 from medidiff.config import load_config
 from medidiff.errors import InputError, ModelFolderError
-from medidiff.tasks.segment import (
+from medidiff.tasks.segment.task import (
     SegmentTask,
     code_channels,
     decode_labels,
@@ -21,9 +21,8 @@ from medidiff.tasks.segment import (
     entropy,
     fuse,
 )
-from tests.conftest import run_cli
+from tests.helpers import REPO, run_cli
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "segment" / "cpu-tiny.yaml"
 TINY3D = REPO / "configs" / "segment" / "cpu-tiny-3d.yaml"
 
@@ -31,10 +30,11 @@ TINY3D = REPO / "configs" / "segment" / "cpu-tiny-3d.yaml"
 @pytest.fixture(scope="session")
 def segment_model(tmp_path_factory, example_data) -> Path:
     """The cpu-tiny segmentation model trained on the example data's tissue labels."""
-    from medidiff.train import run_training
+    from medidiff.tasks.registry import get_task
+    from medidiff.training.trainer import run_training
 
     out = tmp_path_factory.mktemp("models") / "segment-tiny"
-    run_training(load_config(TINY), example_data, out)
+    run_training(load_config(TINY), example_data, out, task=get_task("segment"))
     return out
 
 
@@ -125,19 +125,20 @@ def test_training_refuses_labels_beyond_num_classes_and_wrong_channels():
 def test_tiny_2d_training_writes_a_segment_model(segment_model):
     meta = yaml.safe_load((segment_model / "model.yaml").read_text())
     assert meta["task"] == "segment" and meta["info"]["steps"] == 20
-    from medidiff.models.folder import load_model
+    from medidiff.tasks.registry import load_model
 
     net = load_model(segment_model, task="segment").net
     assert net.conv_in.conv.in_channels == 4 + 1 and net.out[-1].conv.out_channels == 4
 
 
 def test_tiny_3d_training_and_segmentation_end_to_end(tmp_path, example_data):
-    from medidiff.segment import Segmenter
-    from medidiff.train import run_training
+    from medidiff.api import Segmenter
+    from medidiff.tasks.registry import get_task
+    from medidiff.training.trainer import run_training
 
-    run_training(load_config(TINY3D), example_data, tmp_path / "m3d")
+    run_training(load_config(TINY3D), example_data, tmp_path / "m3d", task=get_task("segment"))
     scan = _test_scan(example_data)
-    result = Segmenter.load(tmp_path / "m3d", device="cpu").segment_file(scan)
+    result = Segmenter.load(tmp_path / "m3d", device="cpu").predict_file(scan)
     source = nib.load(scan)
     assert result.labels.shape == source.shape and result.labels.dtype == np.uint8
     assert result.labels.max() < 4
@@ -176,13 +177,13 @@ def test_segment_cli_writes_labels_uncertainty_and_probabilities(segment_model, 
 
 
 def test_array_api_and_linear_resampling_keep_the_input_grid(segment_model, example_data):
-    from medidiff.segment import Segmenter
+    from medidiff.api import Segmenter
 
     scan = _test_scan(example_data)
     source = nib.load(scan)
     segmenter = Segmenter.load(segment_model, device="cpu", samples=1, steps=1,
                                resample="linear")
-    result = segmenter.segment_array(np.asarray(source.dataobj), source.affine)
+    result = segmenter.predict_array(np.asarray(source.dataobj), source.affine)
     assert result.labels.shape == source.shape and result.probabilities.shape == (4, *source.shape)
     np.testing.assert_array_equal(result.labels, result.probabilities.argmax(axis=0))
     assert 0 <= result.uncertainty.min() and result.uncertainty.max() <= 1
@@ -207,7 +208,7 @@ def test_model_folder_of_another_task_is_refused(segment_model, example_data, tm
     assert code == 2
     assert "'anomaly' model, not a 'segment' model" in _one_error_line(err)
     with pytest.raises(ModelFolderError):
-        from medidiff.segment import Segmenter
+        from medidiff.api import Segmenter
 
         Segmenter.load(other)
 

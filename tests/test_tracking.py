@@ -16,15 +16,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from medidiff.errors import TrackingError
-from medidiff.tracking import (
-    PARAM_VALUE_LIMIT,
-    Tracker,
-    check_reachable,
-    flatten_params,
-    image_uint8,
-    tracking_uri,
-)
-from tests.conftest import free_port, stop_server
+from medidiff.tracking import Tracker, check_reachable, tracking_uri
+from medidiff.tracking.tracker import PARAM_VALUE_LIMIT, flatten_params, image_uint8
+from tests.helpers import free_port, stop_server
 
 
 @pytest.fixture(autouse=True)

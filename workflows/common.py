@@ -26,7 +26,10 @@ def tracking_options(func: Callable) -> Callable:
 
 
 def sharding_options(func: Callable) -> Callable:
-    """--part-id, --num-parts, --overwrite, --device for inference commands."""
+    """--part-id, --num-parts, --overwrite, --device, --repair-nonfinite for inference commands."""
+    func = click.option("--repair-nonfinite", is_flag=True,
+                        help="Replace NaN/Inf voxels with the scan's lowest finite value (with a "
+                             "warning) instead of refusing the scan.")(func)
     func = click.option("--device", default="auto", show_default=True,
                         help="cpu, cuda, cuda:N or auto.")(func)
     func = click.option("--overwrite", is_flag=True,
@@ -38,6 +41,50 @@ def sharding_options(func: Callable) -> Callable:
                         callback=_check_part,
                         help="Which part of the inputs this process handles, in [0, N).")(func)
     return func
+
+
+def model_io_options(func: Callable) -> Callable:
+    """--model MODEL_DIR --out OUT_DIR INPUT... of every inference command."""
+    func = click.argument("inputs", nargs=-1, required=True, type=click.Path())(func)
+    func = click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+                        help="Output folder.")(func)
+    func = click.option("--model", "model_dir", required=True, type=click.Path(),
+                        help="Model folder.")(func)
+    return func
+
+
+def predict_files(predictor, inputs, out_dir, part_id: int, num_parts: int, overwrite: bool,
+                  tracker, run_name: str | None = None, nested: bool = False,
+                  params: dict | None = None, exit_on_failure: bool = True):
+    """Run ``predictor`` over the inputs with a progress bar; print each failure once as it
+    happens and a summary at the end; exit status 2 if any case failed."""
+    terminate_as_interrupt()
+    with progress_bar(0, predictor.stage, unit="scan") as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        def on_case(outcome) -> None:
+            if outcome.status == "failed":
+                bar.clear()
+                echo(f"failed: error: {outcome.message}")
+                return
+            if outcome.row.get("repaired_voxels"):
+                bar.clear()
+                echo(f"warning: {outcome.case}: replaced {outcome.row['repaired_voxels']} "
+                     "non-finite voxel(s) with the scan's lowest finite value")
+            if outcome.row.get("ood") in (1, "1"):
+                bar.clear()
+                echo(f"warning: {outcome.case}: looks out of distribution "
+                     f"({outcome.row.get('ood_reason', '')})")
+
+        outcomes = predictor.predict_files(inputs, out_dir, overwrite=overwrite,
+                                           part_id=part_id, num_parts=num_parts,
+                                           tracker=tracker, on_case=on_case, progress=progress,
+                                           run_name=run_name, nested=nested, params=params)
+    report_outcomes(outcomes, predictor.verb, exit_on_failure)
+    return outcomes
 
 
 def _check_part(ctx: click.Context, param: click.Parameter, value: int) -> int:
@@ -91,14 +138,11 @@ def resolve_out(path: str) -> Path:
     return out
 
 
-def report_outcomes(outcomes, verb: str = "scored", show_failures: bool = True) -> None:
-    """One summary line (and each failure unless already shown); exit status 2 if any failed."""
+def report_outcomes(outcomes, verb: str = "scored", exit_on_failure: bool = True) -> None:
+    """One summary line (failures were printed as they happened); exit status 2 if any failed."""
     done = sum(o.status == "done" for o in outcomes)
     skipped = sum(o.status == "skipped" for o in outcomes)
-    failed = [o for o in outcomes if o.status == "failed"]
-    echo(f"{done} {verb}, {skipped} skipped (outputs exist), {len(failed)} failed")
-    if show_failures:
-        for outcome in failed:
-            echo(f"failed: {outcome.message}")
-    if failed:
+    failed = sum(o.status == "failed" for o in outcomes)
+    echo(f"{done} {verb}, {skipped} skipped (outputs exist), {failed} failed")
+    if failed and exit_on_failure:
         raise SystemExit(2)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -10,12 +12,10 @@ import click
 from medidiff.workflows.common import (
     echo,
     make_tracker,
-    report_outcomes,
+    predict_files,
     terminate_as_interrupt,
     tracking_options,
 )
-
-METHODS = ("diffusion", "zscore", "threshold")
 
 
 def preset_path(task: str, preset: str) -> Path:
@@ -44,19 +44,23 @@ def preset_path(task: str, preset: str) -> Path:
 def demo(out_dir, preset, seed, subjects, overrides, device, experiment, tracking_uri,
          no_tracking) -> None:
     """Example data -> normative model -> calibration -> scoring -> evaluation vs baselines."""
-    from medidiff.workflows.anomaly_cmd import score_cases
+    from medidiff.workflows.anomaly_cmd import use_closest_calibration
     from medidiff.workflows.train_cmd import train_and_calibrate
 
-    from medidiff.api import AnomalyDetector
+    from medidiff.api import AnomalyDetector, evaluate_folder
     from medidiff.config import load_config
     from medidiff.data.example import make_example_dataset
-    from medidiff.evaluation import evaluate_folder
+    from medidiff.io.write import atomic_write_text
+    from medidiff.names import ANOMALY_METHODS
 
     started = time.monotonic()
     out = Path(out_dir)
     data_dir, model_dir = out / "data", out / "model"
     cfg = load_config(preset_path("anomaly", preset),
                       [f"train.device={device}", f"train.seed={seed}", *overrides])
+    if tracking_uri is None and not os.environ.get("MLFLOW_TRACKING_URI"):
+        out.mkdir(parents=True, exist_ok=True)  # the demo's runs stay with its outputs
+        tracking_uri = f"sqlite:///{(out / 'mlflow.db').resolve()}"
     tracker = make_tracker(experiment, tracking_uri, no_tracking)
     terminate_as_interrupt()
     with tracker.run("demo", tags={"stage": "demo", "preset": preset}):
@@ -70,20 +74,20 @@ def demo(out_dir, preset, seed, subjects, overrides, device, experiment, trackin
             train_and_calibrate(cfg, data_dir, model_dir, resume, tracker, True, nested=True)
         tests = sorted((data_dir / "test" / "images").glob("*.nii.gz"))
         results = {}
-        for step, method in enumerate(METHODS):
-            echo(f"[3/4] score {len(tests)} test scans: {method} ({step + 1}/{len(METHODS)})")
+        for step, method in enumerate(ANOMALY_METHODS):
+            echo(f"[3/4] score {len(tests)} test scans: {method} ({step + 1}/{len(ANOMALY_METHODS)})")
             detector = AnomalyDetector.load(model_dir, device=device, method=method)
+            use_closest_calibration(detector)
             pred = out / "scores" / method
-            outcomes = score_cases(detector, tests, pred, False, tracker,
-                                   run_name=f"score-{method}", nested=True)
-            report_outcomes(outcomes)
+            predict_files(detector, tests, pred, 0, 1, False, tracker,
+                          run_name=f"score-{method}", nested=True)
             with tracker.run(f"evaluate-{method}", nested=True, tags={"stage": "evaluate"}):
                 metrics = evaluate_folder(pred, data_dir / "test" / "masks")
-                metrics["nfe_per_slice"] = detector.settings.nfe_per_slice()
+                metrics["nfe_per_slice"] = detector.describe()["nfe_per_slice"]
                 tracker.log_metrics({k: v for k, v in metrics.items()
                                      if isinstance(v, (int, float))})
             results[method] = metrics
-        (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+        atomic_write_text(out / "metrics.json", json.dumps(results, indent=2) + "\n")
         tracker.log_dict(results, "metrics.json")
         tracker.log_metrics({f"{m}_pooled_ap": r["pooled_ap"] for m, r in results.items()})
     echo("[4/4] results on the test scans (pooled over voxels; best Dice is an oracle):")
@@ -92,7 +96,8 @@ def demo(out_dir, preset, seed, subjects, overrides, device, experiment, trackin
     if not no_tracking:
         from medidiff.tracking import tracking_uri as resolve
 
-        echo(f"open the MLflow UI:  mlflow ui --backend-store-uri {resolve(tracking_uri)}")
+        mlflow = Path(sys.executable).parent / "mlflow"  # on the PATH or not, this one works
+        echo(f"open the MLflow UI:  {mlflow} ui --backend-store-uri {resolve(tracking_uri)}")
 
 
 def results_table(results: dict) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from medidiff.names import RUN_FORMATS
+
 
 @click.group()
 def runs() -> None:
@@ -13,14 +15,13 @@ def runs() -> None:
 @runs.command("compare")
 @click.option("--experiment", default=None, help="Experiment name [default: medidiff].")
 @click.option("--metric", "metrics", multiple=True, help="Metric to show (repeatable).")
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "markdown"]),
+@click.option("--format", "fmt", type=click.Choice(RUN_FORMATS),
               default="table", show_default=True)
 @click.option("--max-runs", type=click.IntRange(min=1), default=50, show_default=True)
 @click.option("--tracking-uri", default=None, metavar="URI", help="MLflow tracking URI.")
 def compare(experiment, metrics, fmt, max_runs, tracking_uri) -> None:
     """Print runs side by side: the params that differ, key metrics, duration, device."""
-    from medidiff.runs import compare_runs
-    from medidiff.tracking import check_reachable
+    from medidiff.tracking import check_reachable, compare_runs
     from medidiff.tracking import tracking_uri as resolve
 
     uri = resolve(tracking_uri)

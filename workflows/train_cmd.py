@@ -34,7 +34,7 @@ def train(config, data_dir, out_dir, overrides, resume, dry_run, calibrate, expe
     if dry_run:
         click.echo(dump_config(cfg), nl=False)
         return
-    from medidiff.distributed import distributed_context
+    from medidiff.training.distributed import distributed_context
 
     with distributed_context(cfg.train.device) as dist:
         tracker = make_tracker(experiment, tracking_uri, no_tracking, rank=dist.rank)
@@ -44,7 +44,8 @@ def train(config, data_dir, out_dir, overrides, resume, dry_run, calibrate, expe
 
 def train_and_calibrate(cfg, data_dir, out_dir, resume, tracker, calibrate, dist=None,
                         nested: bool = False):
-    from medidiff.train import run_training
+    from medidiff.tasks.registry import get_task
+    from medidiff.training.trainer import run_training
 
     rank = dist.rank if dist else 0
     bar = progress_bar(cfg.train.steps, "train", unit="step") if rank == 0 else None
@@ -57,8 +58,8 @@ def train_and_calibrate(cfg, data_dir, out_dir, resume, tracker, calibrate, dist
             bar.refresh()
 
     try:
-        result = run_training(cfg, data_dir, out_dir, resume=resume, tracker=tracker,
-                              progress=progress, nested=nested, rank=rank,
+        result = run_training(cfg, data_dir, out_dir, task=get_task(cfg.task), resume=resume,
+                              tracker=tracker, progress=progress, nested=nested, rank=rank,
                               world_size=dist.world_size if dist else 1,
                               wrap=dist.wrap if dist else None)
     except KeyboardInterrupt:

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from scipy import ndimage as ndi
 
 from medidiff.data import degrade
-from medidiff.data.io import atomic_write_text, save_nifti
 from medidiff.data.lesions import add_lesion
 from medidiff.errors import InputError
+from medidiff.io.write import atomic_write_text, save_nifti
 
 TEMPLATE_FILES = {
     "t1": "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",

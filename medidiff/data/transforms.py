@@ -28,8 +28,8 @@ from monai.transforms import (
 from scipy import ndimage
 
 from medidiff.config import DataConfig
-from medidiff.data.io import check_resampled_size
 from medidiff.errors import InputError
+from medidiff.io.validate import check_resampled_size
 
 
 class Chain(Compose):

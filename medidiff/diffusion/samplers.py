@@ -7,7 +7,8 @@
 says) for a (B,) LongTensor ``t``. ``x`` is the sample at ``timesteps[0]``; ``timesteps`` is a
 strictly decreasing sequence of training timesteps (indices into ``schedule.alphas_cumprod``).
 After the last one every sampler steps to the clean sample (alpha_cumprod = 1) and returns it.
-``callback(dict(i=, t=, x=, x0=))`` runs after each step. All noise is drawn from ``generator``.
+``callback(dict(i=, t=, x=, x0=))`` runs after each step. All noise is drawn from ``generator``
+(a ``torch.Generator``, or a ``StackedGenerator`` with one generator per batch row).
 Option ``clip=True`` clamps each x0 estimate to [-1, 1]. Samplers run under ``torch.no_grad()``
 (a model that needs gradients, e.g. for guidance, can enable them inside its call).
 """
@@ -19,6 +20,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from medidiff import names
+from medidiff.diffusion.noise import StackedGenerator
 from medidiff.diffusion.schedule import NoiseSchedule
 from medidiff.errors import ConfigError
 
@@ -93,7 +96,10 @@ def _denoise(model, x, t, schedule, extra_args, clip) -> tuple[torch.Tensor, tor
     return eps, x0
 
 
-def _randn(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _randn(x: torch.Tensor, generator) -> torch.Tensor:
+    """Noise like ``x`` from a ``torch.Generator``, or one per row from a ``StackedGenerator``."""
+    if isinstance(generator, StackedGenerator):
+        return generator.randn_like(x)
     device = generator.device if generator is not None else x.device
     z = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
     return z.to(x.device)
@@ -197,6 +203,8 @@ def x0(
 
 
 SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "dpmpp2m": dpmpp_2m, "x0": x0}
+if tuple(SAMPLERS) != names.SAMPLERS:  # one registry of names: medidiff.names
+    raise AssertionError(f"medidiff.names.SAMPLERS {names.SAMPLERS} != samplers {tuple(SAMPLERS)}")
 
 
 def get_sampler(name: str) -> Callable[..., torch.Tensor]:

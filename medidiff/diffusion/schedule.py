@@ -10,8 +10,8 @@ import torch
 from monai.networks.schedulers import DDPMScheduler, NoiseSchedules
 
 from medidiff.errors import ConfigError
+from medidiff.names import PREDICTION_TYPES
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 _BETA_KEYS = ("beta_start", "beta_end")
 
 

@@ -20,8 +20,8 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from medidiff.data.io import atomic_write_bytes
 from medidiff.errors import ModelFolderError
+from medidiff.io.write import atomic_write_bytes
 
 _SCALARS = (str, bytes, int, float, complex, bool, type(None), torch.dtype, torch.device)
 HASH_MISMATCH = "weights do not match the hash recorded in model.yaml (file swapped or truncated)"

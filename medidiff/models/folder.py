@@ -19,14 +19,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import medidiff
 from medidiff.config import Config, from_dict
-from medidiff.data.io import atomic_write_text
 from medidiff.errors import ConfigError, ModelFolderError
+from medidiff.io.write import atomic_write_text
 from medidiff.models.checkpoint import load_weights, save_weights
 from medidiff.models.unet import build_unet
 
 WEIGHTS = "weights.safetensors"
 MODEL_YAML = "model.yaml"
 MODEL_CARD = "model_card.md"
+MODEL_FORMAT = "medidiff-model/1"  # what save_model_folder writes and read_model_yaml reads
 
 
 @dataclass
@@ -44,11 +45,13 @@ class LoadedModel:
         return self.config.task
 
 
-def build_network(cfg: Config) -> torch.nn.Module:
-    """The DiffusionModelUNet a config describes, with the task's extra channels."""
-    from medidiff.tasks import get_task
+def build_network(cfg: Config, task: Any) -> torch.nn.Module:
+    """The DiffusionModelUNet a config describes, with the task's extra channels.
 
-    task = get_task(cfg.task)
+    ``task`` is the task object of ``cfg.task`` (``medidiff.tasks.registry.get_task``): models
+    import no task, the caller hands it over. It gives ``target_channels(cfg)``,
+    ``condition_channels(cfg)`` and ``num_class_embeds(cfg)``.
+    """
     target = task.target_channels(cfg)
     m = cfg.model
     return build_unet(
@@ -70,7 +73,7 @@ def save_model_folder(folder: Path, cfg: Config, state_dict: dict, info: dict[st
     folder.mkdir(parents=True, exist_ok=True)
     digest = save_weights(state_dict, folder / WEIGHTS)
     meta = {
-        "format": "medidiff-model/1",
+        "format": MODEL_FORMAT,
         "medidiff_version": medidiff.__version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "task": cfg.task,
@@ -102,6 +105,14 @@ def read_model_yaml(folder: str | Path) -> dict[str, Any]:
         meta = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError):
         raise ModelFolderError(path, "is not valid YAML") from None
+    if isinstance(meta, dict) and meta.get("format") != MODEL_FORMAT:
+        if "format" not in meta:
+            raise ModelFolderError(path, f"has no 'format' key, so it was not written by "
+                                         f"medidiff; this medidiff reads {MODEL_FORMAT!r}")
+        found = repr(meta["format"])
+        found = found if len(found) <= 60 else found[:57] + "..."
+        raise ModelFolderError(path, f"was written by a newer or foreign tool (format {found}); "
+                                     f"this medidiff reads {MODEL_FORMAT!r}")
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
         raise ModelFolderError(path, "has no 'config' mapping")
     return meta
@@ -149,25 +160,39 @@ def _check_meta(path: Path, meta: dict[str, Any]) -> None:
         raise ModelFolderError(path, f"key '{key}': {first['msg']}") from None
 
 
-def _check_fit(path: Path, cfg: Config, state: dict[str, torch.Tensor]) -> None:
+def _check_fit(path: Path, cfg: Config, task: Any, state: dict[str, torch.Tensor]) -> None:
     """The weights must have the network's exact shapes, checked on the meta device first so
     that a model.yaml asking for a huge network cannot allocate more than its weights hold."""
     with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in build_network(cfg).state_dict().items()}
+        shapes = {k: tuple(v.shape) for k, v in build_network(cfg, task).state_dict().items()}
     if shapes != {k: tuple(v.shape) for k, v in state.items()}:
         raise ModelFolderError(path, "weights do not fit the network described in model.yaml")
 
 
-def load_model(folder: str | Path, task: str | None = None, device: str = "cpu") -> LoadedModel:
-    """Load a model folder for inference; refuse one of another task or with tampered weights."""
-    folder = Path(folder)
-    meta = read_model_yaml(folder)
+def _config_of(folder: Path, meta: dict[str, Any]) -> Config:
     try:
-        cfg = from_dict(meta["config"], source=str(folder / MODEL_YAML))
+        return from_dict(meta["config"], source=str(folder / MODEL_YAML))
     except ConfigError as err:
         raise ModelFolderError(folder / MODEL_YAML, str(err)) from None
-    if task is not None and cfg.task != task:
-        raise ModelFolderError(folder, f"holds a '{cfg.task}' model, not a '{task}' model")
+
+
+def read_model_config(folder: str | Path) -> Config:
+    """The validated config of a model folder's model.yaml (its ``task`` names the task)."""
+    folder = Path(folder)
+    return _config_of(folder, read_model_yaml(folder))
+
+
+def load_model(folder: str | Path, task: Any, device: str = "cpu") -> LoadedModel:
+    """Load a model folder for inference; refuse one of another task or with tampered weights.
+
+    ``task`` is the task object the caller expects (``medidiff.tasks.registry.load_model``
+    finds it from the folder); the folder's ``task`` must be ``task.name``.
+    """
+    folder = Path(folder)
+    meta = read_model_yaml(folder)
+    cfg = _config_of(folder, meta)
+    if cfg.task != task.name:
+        raise ModelFolderError(folder, f"holds a '{cfg.task}' model, not a '{task.name}' model")
     _check_meta(folder / MODEL_YAML, meta)
     weights = meta["weights"]
     name = str(weights.get("file", WEIGHTS))
@@ -175,8 +200,8 @@ def load_model(folder: str | Path, task: str | None = None, device: str = "cpu")
     if path.parent != folder.resolve():
         raise ModelFolderError(folder / MODEL_YAML, f"weights path '{name}' leaves the model folder")
     state = load_weights(path, expected_sha256=weights["sha256"])
-    _check_fit(path, cfg, state)
-    net = build_network(cfg)
+    _check_fit(path, cfg, task, state)
+    net = build_network(cfg, task)
     try:
         net.load_state_dict(state)
     except RuntimeError:

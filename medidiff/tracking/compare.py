@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-from medidiff.tracking import DEFAULT_EXPERIMENT, DEVICE_TAG, search_runs
+from medidiff.tracking.search import search_runs
+from medidiff.tracking.tracker import DEFAULT_EXPERIMENT, DEVICE_TAG
 
 FORMATS = ("table", "csv", "json", "markdown")
 MAX_DEFAULT_METRICS = 8

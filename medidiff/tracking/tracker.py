@@ -1,12 +1,9 @@
-"""Everything MLflow: tracking URI, runs, params, metrics, images, models and run search.
+"""The fault-tolerant `Tracker`: runs, params, metrics, images, artifacts and model folders.
 
-The only module of medidiff that imports mlflow. It is imported lazily, inside the functions that
-need it, so that `--no-tracking`, non-zero DDP ranks and `medidiff --help` never pay its start-up
-time (about 2 s).
-
-A tracking failure in the middle of a run never reaches the training loop: it is logged once,
-metrics are buffered (bounded) and sent when the server answers again. Starting a run against an
-unreachable server raises `TrackingError` at once, before any long work.
+mlflow is imported lazily, inside the methods that need it. A tracking failure in the middle of a
+run never reaches the training loop: it is logged once, metrics are buffered (bounded) and sent
+when the server answers again. Starting a run against an unreachable server raises
+`TrackingError` at once, before any long work.
 """
 
 from __future__ import annotations
@@ -16,10 +13,8 @@ import functools
 import importlib.metadata
 import json
 import logging
-import os
 import platform
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -28,16 +23,21 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.error import HTTPError, URLError
-from urllib.parse import urlsplit, urlunsplit
-from urllib.request import urlopen
+from urllib.parse import urlsplit
 
 import numpy as np
 
 import medidiff
-from medidiff.errors import InputError, TrackingError
+from medidiff.errors import TrackingError
+from medidiff.tracking.uri import (
+    _artifact_location,
+    _http_client_defaults,
+    check_reachable,
+    redact,
+    tracking_uri,
+)
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("medidiff.tracking")  # the package's logger, as before the split
 
 DEFAULT_EXPERIMENT = "medidiff"
 DEVICE_TAG = "medidiff.device"
@@ -46,153 +46,9 @@ PARAM_VALUE_LIMIT = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 KEY_LIMIT = 250
 PARAMS_PER_BATCH = 100  # MLflow's log_batch limits
 METRICS_PER_BATCH = 1000
-# the schemes MLflow's tracking stores take (a database URI may name its driver: mysql+pymysql)
-TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "databricks",
-                    "databricks-uc", "uc")
-_DATABASE_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
 _REFUSALS = ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE")
 _KEY_FORBIDDEN = re.compile(r"[^\w.\- :/]")
 _IMAGE_KEY_FORBIDDEN = re.compile(r"[^A-Za-z0-9_\-./ ]")
-
-
-# ---------------------------------------------------------------------------------------------
-# Tracking URI
-
-
-def tracking_uri(explicit: str | None = None) -> str:
-    """The URI to track to: `explicit`, else `MLFLOW_TRACKING_URI`, else sqlite in the cwd.
-
-    A file store (a `file:` URI or a plain folder) is refused: MLflow 3.13+ no longer writes one
-    without an opt-in, and medidiff never starts one.
-    """
-    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI") or ""
-    if not uri:
-        return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
-    scheme = urlsplit(uri).scheme
-    if scheme == "file" or len(scheme) <= 1:  # no scheme, or a Windows drive letter
-        raise TrackingError(
-            f"tracking URI {uri!r} is a folder (MLflow's file store), which medidiff does not "
-            "use; give a database such as sqlite:///ABS/PATH/mlflow.db or a server "
-            "http://HOST:PORT (`mlflow migrate-filestore` converts an existing mlruns folder)"
-        )
-    if scheme.split("+", 1)[0] not in TRACKING_SCHEMES:  # a typo such as htp://
-        raise TrackingError(
-            f"tracking URI {redact(uri)!r} has an unknown scheme {scheme!r}; give a server "
-            "http://HOST:PORT, a database such as sqlite:///ABS/PATH/mlflow.db or "
-            "postgresql://USER@HOST/DB, or pass --no-tracking"
-        )
-    return uri
-
-
-def redact(uri: str) -> str:
-    """The URI without a password, for messages."""
-    parts = urlsplit(uri)
-    if not parts.password:
-        return uri
-    host = parts.hostname or ""
-    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
-def check_reachable(uri: str, timeout: float = 5) -> None:
-    """Raise `TrackingError` at once when `uri` cannot take runs (server down, folder read-only)."""
-    scheme = urlsplit(uri).scheme
-    if scheme in ("http", "https"):
-        _check_http(uri, timeout)
-    elif scheme == "sqlite":
-        _check_sqlite(uri)
-    elif scheme.split("+", 1)[0] in _DATABASE_PORTS:
-        _check_database(uri, timeout)
-
-
-def _check_http(uri: str, timeout: float) -> None:
-    base = uri.rstrip("/")
-    try:
-        _http_get(base + "/health", timeout)
-        return
-    except HTTPError as exc:
-        if exc.code != 404:  # it answered (401/403 behind auth still means it is up)
-            return
-    except (URLError, OSError, ValueError) as exc:
-        raise TrackingError(
-            f"cannot reach the MLflow tracking server at {redact(uri)}: {_reason(exc)}; "
-            "start it or pass --no-tracking"
-        ) from None
-    # No /health (an older server or a proxy under a path prefix): ask the REST API itself.
-    try:
-        _http_get(base + "/api/2.0/mlflow/experiments/search?max_results=1", timeout)
-    except HTTPError as exc:
-        if b"error_code" not in exc.read():
-            raise TrackingError(
-                f"{redact(uri)} answers but is not an MLflow tracking server (HTTP {exc.code}); "
-                "check the URI or pass --no-tracking"
-            ) from None
-    except (URLError, OSError, ValueError) as exc:
-        raise TrackingError(
-            f"cannot reach the MLflow tracking server at {redact(uri)}: {_reason(exc)}; "
-            "start it or pass --no-tracking"
-        ) from None
-
-
-def _check_database(uri: str, timeout: float) -> None:
-    """A database server must at least accept a connection (the driver checks the rest)."""
-    parts = urlsplit(uri)
-    if not parts.hostname:
-        return  # a local socket
-    try:
-        port = parts.port or _DATABASE_PORTS[parts.scheme.split("+", 1)[0]]
-        socket.create_connection((parts.hostname, port), timeout=timeout).close()
-    except (OSError, ValueError) as exc:
-        raise TrackingError(
-            f"cannot reach the MLflow tracking database at {redact(uri)}: {_reason(exc)}; "
-            "start it or pass --no-tracking"
-        ) from None
-
-
-def _http_get(url: str, timeout: float) -> None:
-    with urlopen(url, timeout=timeout) as response:
-        response.read(1024)
-
-
-def _reason(exc: Exception) -> str:
-    reason = getattr(exc, "reason", None) or exc
-    return str(reason) or type(exc).__name__
-
-
-def _sqlite_path(uri: str) -> Path | None:
-    """The database file of a sqlite URI (None for an in-memory database)."""
-    path = uri[len("sqlite:///"):].split("?", 1)[0] if uri.startswith("sqlite:///") else ""
-    return None if path in ("", ":memory:") else Path(path)
-
-
-def _check_sqlite(uri: str) -> None:
-    db = _sqlite_path(uri)
-    if db is None:
-        return
-    folder = db.resolve().parent
-    if not folder.is_dir():
-        raise TrackingError(f"cannot create the MLflow database {db}: "
-                            f"folder {folder} does not exist")
-    if not os.access(folder, os.W_OK) or (db.exists() and not os.access(db, os.W_OK)):
-        raise TrackingError(f"cannot write the MLflow database {db}: permission denied")
-
-
-def _artifact_location(uri: str, experiment: str) -> str | None:
-    """For sqlite, keep artifacts beside the database, not in whatever the cwd happens to be."""
-    db = _sqlite_path(uri) if uri.startswith("sqlite:") else None
-    if db is None:
-        return None  # a server decides where its artifacts go
-    slug = re.sub(r"[^\w.-]+", "_", experiment).strip("_") or "experiment"
-    return (db.resolve().parent / "mlartifacts" / slug).as_uri()
-
-
-def _http_client_defaults() -> None:
-    # MLflow retries a failed request 7 times with backoff (about 4 minutes); a training loop
-    # must not stall that long when the server goes away. It also writes each run's URL to
-    # stdout, which would mix into a command's output. A user's own settings win.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -706,51 +562,3 @@ def _status_for(exc: BaseException) -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
-
-
-# ---------------------------------------------------------------------------------------------
-# Searching runs
-
-
-def search_runs(experiment: str | None = None, uri: str | None = None,
-                max_runs: int = 50) -> list[dict[str, Any]]:
-    """The latest runs of an experiment as plain dicts (newest first).
-
-    Each dict has run_id, name, status, start_time and end_time (ms since the epoch, or None),
-    params, metrics (latest values) and tags.
-    """
-    name = experiment or DEFAULT_EXPERIMENT
-    uri = tracking_uri(uri)
-    check_reachable(uri)
-    db = _sqlite_path(uri) if uri.startswith("sqlite:") else None
-    if db is not None and not db.exists():  # do not create an empty database just to look
-        raise InputError(None, f"no MLflow experiment named {name!r} (no database at {db})")
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
-    try:
-        found = client.get_experiment_by_name(name)
-        if found is None or found.lifecycle_stage == "deleted":
-            raise InputError(None, f"no MLflow experiment named {name!r}")
-        runs = client.search_runs([found.experiment_id], max_results=max_runs,
-                                  order_by=["attributes.start_time DESC"])
-    except InputError:
-        raise
-    except Exception as exc:
-        raise TrackingError(f"cannot search MLflow runs at {redact(uri)}: "
-                            f"{_first_line(exc)}") from exc
-    return [_run_dict(run) for run in runs]
-
-
-def _run_dict(run: Any) -> dict[str, Any]:
-    info, data = run.info, run.data
-    return {
-        "run_id": info.run_id,
-        "name": info.run_name or "",
-        "status": info.status,
-        "start_time": info.start_time,
-        "end_time": info.end_time,
-        "params": dict(data.params),
-        "metrics": dict(data.metrics),
-        "tags": dict(data.tags),
-    }

@@ -17,7 +17,7 @@ import torch
 from medidiff.config import Config
 from medidiff.data import degrade
 from medidiff.tasks.base import Task, TrainingInputs
-from medidiff.tasks.denoise import crop_batch, jitter_intensity
+from medidiff.tasks.enhance.denoise import crop_batch, jitter_intensity
 
 
 class SuperResTask(Task):

@@ -2,34 +2,49 @@
 
 Batches are drawn i.i.d. from the data set with a seeded ``torch.Generator`` whose state is saved
 in every checkpoint, so a resumed run continues the same random stream from the same step.
+Checkpoints are written every ``train.checkpoint_every`` steps and, between those, once
+``train.checkpoint_minutes`` have passed since the last one. The MLflow run id is recorded in
+the output folder as soon as the run opens, so ``--resume`` continues the same run even after a
+kill before the first checkpoint.
+
+The trainer never imports a task: its caller passes the task object (``medidiff.tasks.registry
+.get_task(cfg.task)``), which says what the network learns (``training_inputs``), its channels
+and the data keys it needs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from medidiff.config import Config
+from medidiff.config import Config, dump_config
 from medidiff.data.datasets import fingerprint, read_split, training_dataset
 from medidiff.diffusion.schedule import NoiseSchedule
-from medidiff.distributed import any_rank
-from medidiff.errors import InputError
+from medidiff.errors import ConfigError, InputError
+from medidiff.io.write import atomic_write_text
 from medidiff.models.checkpoint import load_checkpoint, save_checkpoint
 from medidiff.models.ema import EMA
 from medidiff.models.folder import build_network, save_model_folder
 from medidiff.models.unet import count_parameters
-from medidiff.tasks import get_task
+from medidiff.report import loss_curve
+from medidiff.runtime import amp_dtype, select_device
 from medidiff.tracking import Tracker
+from medidiff.tracking.uri import redact
+from medidiff.training.distributed import any_ranks
+from medidiff.training.loss import Loss, loss_from_config
+from medidiff.training.preview import preview_grid
 
 CHECKPOINT = "checkpoints/last.pt"
+RUN_RECORD = "checkpoints/run.json"  # the MLflow run of this folder, written when it opens
 
 
 @dataclass
@@ -41,30 +56,6 @@ class TrainResult:
     images_per_second: float
     run_id: str | None = None
     losses: list[float] = field(default_factory=list)
-
-
-def select_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise InputError(None, f"unknown device '{name}'") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(None, "device 'cuda' was asked for but no CUDA GPU is available")
-    return device
-
-
-def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    """bf16 where the GPU supports it, else fp16; never on CPU unless asked."""
-    mode = cfg.train.amp
-    if mode == "off" or (mode == "auto" and device.type != "cuda"):
-        return None
-    if mode == "fp16":
-        return torch.float16
-    if mode == "bf16" or (device.type == "cuda" and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16
-    return torch.float16
 
 
 def draw_batch(dataset, batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -88,24 +79,32 @@ def lr_factor(step: int, cfg: Config) -> float:
 
 
 class Trainer:
-    """Holds the state of one training run; ``run()`` trains to ``cfg.train.steps``."""
+    """Holds the state of one training run; ``run()`` trains to ``cfg.train.steps``.
 
-    def __init__(self, cfg: Config, data_dir: str | Path, out_dir: str | Path,
+    ``task`` is the task object of ``cfg.task``; ``loss`` what a step minimises (default: the
+    config's, ``loss_from_config``).
+    """
+
+    def __init__(self, cfg: Config, data_dir: str | Path, out_dir: str | Path, *, task: Any,
                  tracker: Tracker | None = None, progress: Callable[[dict], None] | None = None,
-                 rank: int = 0, world_size: int = 1):
-        self.cfg, self.out_dir = cfg, Path(out_dir)
+                 rank: int = 0, world_size: int = 1, loss: Loss | None = None):
+        if getattr(task, "name", None) != cfg.task:
+            raise ConfigError(f"task: the config trains a '{cfg.task}' model but the task "
+                              f"given is '{getattr(task, 'name', task)}'")
+        self.cfg, self.out_dir, self.task = cfg, Path(out_dir), task
         self.tracker = tracker or Tracker(enabled=False)
         self.progress = progress
         self.rank, self.world_size = rank, world_size
         self.device = select_device(cfg.train.device)
-        self.task = get_task(cfg.task)
+        self.loss = loss or loss_from_config(cfg)
+        self.clock: Callable[[], float] = time.monotonic
         self.entries = read_split(data_dir, "training")
         if not self.entries:
             raise InputError(data_dir, "has no training scans")
         self.fingerprint = fingerprint(self.entries)
         self.schedule = NoiseSchedule(**cfg.diffusion.model_dump())
         torch.manual_seed(cfg.train.seed)  # the same initial weights, hence EMA, on every rank
-        self.net = build_network(cfg).to(self.device)
+        self.net = build_network(cfg, task).to(self.device)
         if rank:
             torch.manual_seed(cfg.train.seed + rank)
         self.ema = EMA(self.net, decay=cfg.train.ema_decay)
@@ -174,22 +173,20 @@ class Trainer:
         return getattr(self.net, "module", self.net)
 
     # -- one step ----------------------------------------------------------------------------
-    def loss_on(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        inputs = self.task.training_inputs(batch, self.cfg, self.generator)
-        target = inputs.target.to(self.device)
-        noise = torch.randn(target.shape, generator=self.generator).to(self.device)
-        t = torch.randint(0, self.cfg.trained_timesteps(), (target.shape[0],),
-                          generator=self.generator).to(self.device)
-        x_t = self.schedule.add_noise(target, noise, t)
-        if inputs.condition is not None:
-            x_t = torch.cat([x_t, inputs.condition.to(self.device)], dim=1)
-        labels = None if inputs.class_labels is None else inputs.class_labels.to(self.device)
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor,
+                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The network's forward pass, under autocast when AMP is on (what the loss calls)."""
         autocast = (torch.autocast(self.device.type, dtype=self.amp) if self.amp
                     else contextlib.nullcontext())
         with autocast:
-            pred = self.net(x_t, timesteps=t, class_labels=labels)
-        goal = self.schedule.training_target(target, noise, t)
-        return torch.nn.functional.mse_loss(pred.float(), goal.float())
+            return self.net(x, timesteps=timesteps, class_labels=class_labels)
+
+    def loss_on(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = self.task.training_inputs(batch, self.cfg, self.generator)
+        inputs = replace(inputs, **{key: getattr(inputs, key).to(self.device)
+                                    for key in ("target", "condition", "class_labels")
+                                    if getattr(inputs, key) is not None})
+        return self.loss(self.forward, inputs, self.schedule, self.generator)
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> float:
         for group in self.opt.param_groups:
@@ -222,30 +219,44 @@ class Trainer:
         if self.dataset is None:
             self.load_data()
         self.net.train()
-        cfg, started = self.cfg.train, time.monotonic()
+        cfg = self.cfg.train
+        started = saved = self.clock()
         seen, window = 0, []
         while self.step < cfg.steps:
-            # every rank must stop at the same step, or the others wait in DDP's all-reduce
-            if cfg.max_minutes and any_rank(time.monotonic() - started > cfg.max_minutes * 60,
-                                            self.device):
-                break
+            if cfg.max_minutes or cfg.checkpoint_minutes:
+                now = self.clock()
+                # every rank must stop (and checkpoint) at the same step, or the others wait
+                # in DDP's all-reduce: one collective agrees on both
+                stop, due = any_ranks(
+                    [bool(cfg.max_minutes) and now - started > cfg.max_minutes * 60,
+                     bool(cfg.checkpoint_minutes) and now - saved > cfg.checkpoint_minutes * 60],
+                    self.device)
+                if stop:
+                    break
+                if due and self.step > 0:
+                    self._checkpoint(on_checkpoint)
+                    saved = self.clock()
             loss = self.train_step(draw_batch(self.dataset, cfg.batch_size, self.generator))
             window.append(loss)
             seen += cfg.batch_size * self.world_size
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                self._log(window, seen / max(time.monotonic() - started, 1e-9))
+                self._log(window, seen / max(self.clock() - started, 1e-9))
                 window = []
             if self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
-                self.save()
-                self.restart_stream()
-                if on_checkpoint:
-                    on_checkpoint(self.step)
+                self._checkpoint(on_checkpoint)
+                saved = self.clock()
             if self.step % cfg.sample_every == 0 and self.rank == 0:
                 self.log_preview()
-        elapsed = time.monotonic() - started
+        elapsed = self.clock() - started
         self.save()
         return TrainResult(self.out_dir, self.step, self.losses[-1] if self.losses else float("nan"),
                            elapsed, seen / max(elapsed, 1e-9), self.run_id, list(self.losses))
+
+    def _checkpoint(self, on_checkpoint: Callable[[int], None] | None) -> None:
+        self.save()
+        self.restart_stream()
+        if on_checkpoint:
+            on_checkpoint(self.step)
 
     def _log(self, window: list[float], images_per_second: float) -> None:
         mean = float(np.mean(window)) if window else float("nan")
@@ -258,17 +269,29 @@ class Trainer:
         if self.progress:
             self.progress({"step": self.step, "total": self.cfg.train.steps, **metrics})
 
-    def log_preview(self) -> None:
-        """A grid of few-step samples from the EMA weights, logged as an image with its step."""
-        from medidiff.report import preview_grid
+    def ema_network(self) -> torch.nn.Module:
+        """A fresh network holding the EMA weights, on the trainer's device, in eval mode."""
+        with torch.no_grad():
+            net = build_network(self.cfg, self.task).to(self.device).eval()
+            self.ema.copy_to(net)
+        return net
 
-        grid = preview_grid(self, count=4)
-        if grid is not None:
-            self.tracker.log_image(grid, key="samples", step=self.step)
+    def log_preview(self, count: int = 4) -> None:
+        """A grid of few-step samples from the EMA weights, logged as an image with its step."""
+        if self.cfg.data.spatial_dims != 2:
+            return
+        net = self.ema_network()
+        generator = torch.Generator().manual_seed(1234)
+        with torch.no_grad():
+            batch = draw_batch(self.dataset, count, generator)
+            inputs = self.task.training_inputs(batch, self.cfg, generator)
+        grid = preview_grid(net, inputs, self.schedule, self.cfg.trained_timesteps() - 1,
+                            generator)
+        self.tracker.log_image(grid, key="samples", step=self.step)
 
     def finish(self, calibration: dict[str, Any] | None = None) -> Path:
         """Write the model folder with the EMA weights."""
-        net = build_network(self.cfg)
+        net = build_network(self.cfg, self.task)
         self.ema.copy_to(net)
         info = {
             "steps": self.step,
@@ -292,20 +315,46 @@ def prepare_out_dir(out_dir: Path, resume: bool) -> None:
                                   "choose another --out")
 
 
-def run_training(cfg: Config, data_dir: str | Path, out_dir: str | Path, *, resume: bool = False,
-                 tracker: Tracker | None = None, progress=None, nested: bool = False,
-                 rank: int = 0, world_size: int = 1, wrap=None) -> TrainResult:
-    """Train, write the model folder, calibrate an anomaly model, and log it all to MLflow."""
-    from medidiff.config import dump_config
-    from medidiff.data.io import atomic_write_text
-    from medidiff.report import loss_curve
+def _run_key(tracker: Tracker) -> dict[str, str]:
+    return {"tracking_uri": redact(tracker.uri or ""), "experiment": tracker.experiment}
 
+
+def record_run(out_dir: Path, tracker: Tracker, run_id: str) -> None:
+    """Note the folder's MLflow run (atomically), for ``--resume`` to continue it."""
+    atomic_write_text(out_dir / RUN_RECORD,
+                      json.dumps({"mlflow_run_id": run_id, **_run_key(tracker)}, indent=1) + "\n")
+
+
+def recorded_run(out_dir: Path, tracker: Tracker) -> str | None:
+    """The run ``record_run`` noted, if it was in the same tracking store and experiment."""
+    try:
+        record = json.loads((out_dir / RUN_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or any(record.get(k) != v for k, v in _run_key(tracker).items()):
+        return None
+    run_id = record.get("mlflow_run_id")
+    return run_id if isinstance(run_id, str) and run_id else None
+
+
+def run_training(cfg: Config, data_dir: str | Path, out_dir: str | Path, *, task: Any,
+                 resume: bool = False, tracker: Tracker | None = None, progress=None,
+                 nested: bool = False, rank: int = 0, world_size: int = 1, wrap=None,
+                 loss: Loss | None = None) -> TrainResult:
+    """Train, write the model folder and log it all to MLflow.
+
+    ``task`` is the task object of ``cfg.task`` (``medidiff.tasks.registry.get_task``). With
+    ``resume``, training continues from the last checkpoint (from step 0 if there is none yet)
+    in the same MLflow run.
+    """
     out_dir = Path(out_dir)
     prepare_out_dir(out_dir, resume)
     tracker = tracker or Tracker(enabled=False)
-    trainer = Trainer(cfg, data_dir, out_dir, tracker=tracker, progress=progress, rank=rank,
-                      world_size=world_size)
+    trainer = Trainer(cfg, data_dir, out_dir, task=task, tracker=tracker, progress=progress,
+                      rank=rank, world_size=world_size, loss=loss)
     resumed = trainer.resume() if resume else False
+    if resume and tracker.enabled and not trainer.run_id:  # killed before its first checkpoint
+        trainer.run_id = recorded_run(out_dir, tracker)
     if wrap is not None:
         trainer.net = wrap(trainer.net)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -316,6 +365,8 @@ def run_training(cfg: Config, data_dir: str | Path, out_dir: str | Path, *, resu
     with tracker.run(f"train-{cfg.task}-{cfg.name}", nested=nested, tags=tags,
                      run_id=trainer.run_id, system_metrics=True) as run_id:
         trainer.run_id = run_id
+        if run_id and rank == 0:
+            record_run(out_dir, tracker, run_id)
         if not resumed:
             tracker.log_params({**cfg.to_dict(), "effective_batch_size":
                                 cfg.train.batch_size * world_size, "world_size": world_size,

@@ -7,7 +7,7 @@ helper here is a no-op, so the same code runs in one process.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -43,11 +43,16 @@ def env_info() -> DistInfo:
 
 def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
     """True on every rank when ``flag`` is true on any; a collective, so every rank calls it."""
+    return any_ranks([flag], device)[0]
+
+
+def any_ranks(flags: Sequence[bool], device: torch.device | str = "cpu") -> list[bool]:
+    """``any_rank`` for several flags at once, in one collective."""
     if not (torch_dist.is_available() and torch_dist.is_initialized()):
-        return flag
-    value = torch.tensor([float(flag)], device=device)
+        return [bool(flag) for flag in flags]
+    value = torch.tensor([float(flag) for flag in flags], device=device)
     torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MAX)
-    return bool(value.item())
+    return [bool(v) for v in value.tolist()]
 
 
 @contextmanager

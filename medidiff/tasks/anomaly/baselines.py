@@ -20,8 +20,8 @@ from monai.transforms import ResizeWithPadOrCrop
 from scipy import ndimage
 from skimage import exposure
 
-from medidiff.data.io import atomic_write_bytes
 from medidiff.errors import ModelFolderError
+from medidiff.io.write import atomic_write_bytes
 
 ZSCORE_FILE = "baseline_zscore.safetensors"
 

@@ -18,8 +18,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medidiff.data.io import atomic_write_text, case_name, discover_inputs, safe_output_path
 from medidiff.errors import InputError, MedidiffError
+from medidiff.io.discover import case_name, discover_inputs
+from medidiff.io.write import atomic_write_text, safe_output_path
 
 
 @dataclass
@@ -50,6 +51,18 @@ def collect_inputs(paths: Sequence[str | Path]) -> tuple[list[Path], list[CaseOu
             failed.append(CaseOutcome(Path(given).name, Path(given), "failed", str(err)))
     unique = sorted(dict.fromkeys(Path(p) for p in found))
     return unique, failed
+
+
+def inputs_of_part(inputs: Sequence[str | Path], part_id: int, num_parts: int,
+                   on_case: Callable[[CaseOutcome], None] | None = None,
+                   ) -> tuple[list[Path], list[CaseOutcome]]:
+    """This part's share of the expanded inputs, and the inputs that cannot be used (each
+    reported through ``on_case``, by every part)."""
+    paths, unusable = collect_inputs(inputs)
+    for outcome in unusable:
+        if on_case:
+            on_case(outcome)
+    return shard(paths, part_id, num_parts), unusable
 
 
 def run_cases(paths: Sequence[Path], out_dir: Path, outputs: Callable[[str], list[str]],

@@ -11,21 +11,18 @@ entropy of the fused probabilities is the voxel-wise uncertainty.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from medidiff.config import Config, SegmentConfig
+from medidiff.diffusion.noise import StackedGenerator, sample_seed
 from medidiff.diffusion.samplers import get_sampler, nfe, timestep_schedule
 from medidiff.diffusion.schedule import NoiseSchedule
 from medidiff.errors import ConfigError, InputError
+from medidiff.names import ENCODINGS, FUSIONS
 from medidiff.tasks.base import Task, TrainingInputs, model_fn
-from medidiff.tasks.denoise import crop_batch
-
-ENCODINGS = ("onehot", "bits")
-FUSIONS = ("mean", "vote")
+from medidiff.tasks.enhance.denoise import crop_batch
 
 
 class SegmentTask(Task):
@@ -137,95 +134,51 @@ def entropy(probs: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return (-(probs * p.log()).sum(dim=dim) / math.log(probs.shape[dim])).clamp(0.0, 1.0)
 
 
-@dataclass(frozen=True)
-class SegmentSettings:
-    """How a scan is segmented; defaults come from the model's ``segment`` config section."""
+def timesteps(settings: SegmentConfig, num_train_timesteps: int) -> list[int]:
+    """From pure noise (the last training step) down, ``steps`` evenly spaced timesteps."""
+    start = num_train_timesteps - 1
+    return timestep_schedule(start, min(settings.steps, start), num_train_timesteps)
 
-    sampler: str
-    steps: int
-    samples: int
-    eta: float
-    fusion: str
-    resample: str
-    batch_size: int
-    seed: int
 
-    @classmethod
-    def from_config(cls, cfg: SegmentConfig, **overrides) -> SegmentSettings:
-        base = cls(sampler=cfg.sampler, steps=cfg.steps, samples=cfg.samples, eta=cfg.eta,
-                   fusion=cfg.fusion, resample=cfg.resample, batch_size=cfg.batch_size,
-                   seed=cfg.seed)
-        settings = replace(base, **{k: v for k, v in overrides.items() if v is not None})
-        settings.validate()
-        return settings
-
-    def validate(self, num_train_timesteps: int = 1000) -> None:
-        get_sampler(self.sampler)
-        self.timesteps(num_train_timesteps)
-        if self.fusion not in FUSIONS:
-            raise ConfigError(f"fusion: unknown fusion {self.fusion!r} (valid: {', '.join(FUSIONS)})")
-        if self.samples < 1 or self.batch_size < 1:
-            raise ConfigError("samples and batch_size must be at least 1")
-
-    def timesteps(self, num_train_timesteps: int) -> list[int]:
-        """From pure noise (the last training step) down, ``steps`` evenly spaced timesteps."""
-        start = num_train_timesteps - 1
-        return timestep_schedule(start, min(self.steps, start), num_train_timesteps)
-
-    def describe(self) -> dict:
-        return {"sampler": self.sampler, "steps": self.steps, "samples": self.samples,
-                "eta": self.eta, "fusion": self.fusion, "resample": self.resample,
-                "nfe_per_slice": self.samples * nfe(self.sampler, self.steps)}
+def nfe_per_slice(settings: SegmentConfig) -> int:
+    return settings.samples * nfe(settings.sampler, settings.steps)
 
 
 @torch.no_grad()
-def sample_probabilities(net, images: torch.Tensor, cfg: Config, schedule: NoiseSchedule,
-                         settings: SegmentSettings, generator: torch.Generator,
+def sample_probabilities(net, images: torch.Tensor, ids: list[tuple[int, ...]], cfg: Config,
+                         schedule: NoiseSchedule, settings: SegmentConfig,
                          device: torch.device) -> torch.Tensor:
-    """(B, C, *S) images in [0, 1] -> (B, N, K, *S) class probabilities of N samples each.
+    """(B, C, *S) images in [0, 1] -> (B, N * K, *S) class probabilities of N samples each.
 
-    Every sample starts from its own Gaussian noise; samples are folded into the batch.
+    Every (row, sample) starts from its own seeded Gaussian noise (``ids`` names the rows);
+    samples are folded into the batch, at most ``batch_size`` at a time.
     """
     section, n = cfg.segment, settings.samples
-    condition = (images.to(device) * 2.0 - 1.0).repeat_interleave(n, dim=0)
-    shape = (condition.shape[0], code_channels(section.num_classes, section.encoding),
-             *images.shape[2:])
-    x = torch.randn(shape, generator=generator).to(device)
+    pairs = [(row, sample) for row in range(images.shape[0]) for sample in range(n)]
+    code_shape = (code_channels(section.num_classes, section.encoding), *images.shape[2:])
     options = {"eta": settings.eta} if settings.sampler == "ddim" else {}
-    code = get_sampler(settings.sampler)(
-        model_fn(net, condition), x, settings.timesteps(schedule.num_train_timesteps), schedule,
-        generator=generator, clip=True, **options)
-    probs = decode_probabilities(code, section.num_classes, section.encoding)
-    return probs.reshape(images.shape[0], n, *probs.shape[1:]).cpu()
+    steps = timesteps(settings, schedule.num_train_timesteps)
+    chunks = []
+    for start in range(0, len(pairs), settings.batch_size):
+        chunk = pairs[start:start + settings.batch_size]
+        generator = StackedGenerator([sample_seed(settings.seed, sample, *ids[row])
+                                      for row, sample in chunk])
+        rows = torch.as_tensor([row for row, _ in chunk])
+        condition = images[rows].to(device) * 2.0 - 1.0
+        x = generator.randn((len(chunk), *code_shape)).to(device)
+        code = get_sampler(settings.sampler)(model_fn(net, condition), x, steps, schedule,
+                                             generator=generator, clip=True, **options)
+        chunks.append(decode_probabilities(code, section.num_classes, section.encoding).cpu())
+    probs = torch.cat(chunks)
+    return probs.reshape(images.shape[0], n * probs.shape[1], *probs.shape[2:])
 
 
-def volume_samples(net, volume: torch.Tensor, foreground: np.ndarray, cfg: Config,
-                   schedule: NoiseSchedule, settings: SegmentSettings, device: torch.device,
-                   progress=None) -> torch.Tensor:
-    """Per-sample probabilities (N, K, H, W, D) of a (C, H, W, D) volume on the model grid.
+def certain_background(samples: int, num_classes: int):
+    """The runner's fill: slices that are not run are background with certainty."""
 
-    A 3D model sees the whole volume; a 2D model the slices along ``data.slice_axis`` that hold
-    foreground, in batches (slices without any are background with certainty).
-    """
-    generator = torch.Generator().manual_seed(settings.seed)
-    if cfg.data.spatial_dims == 3:  # samples in chunks of batch_size volumes
-        sizes = [min(settings.batch_size, settings.samples - i)
-                 for i in range(0, settings.samples, settings.batch_size)]
-        return torch.cat([sample_probabilities(net, volume[None], cfg, schedule,
-                                               replace(settings, samples=n), generator, device)[0]
-                          for n in sizes])
-    axis = cfg.data.slice_axis + 1
-    slices = volume.movedim(axis, 0)  # (S, C, h, w)
-    todo = torch.nonzero(torch.as_tensor(foreground).movedim(axis - 1, 0).flatten(1).any(dim=1))
-    todo = todo.flatten().tolist()
-    k = cfg.segment.num_classes
-    out = torch.zeros((slices.shape[0], settings.samples, k, *slices.shape[2:]))
-    out[:, :, 0] = 1.0
-    per_batch = max(1, settings.batch_size // settings.samples)
-    for start in range(0, len(todo), per_batch):
-        index = todo[start:start + per_batch]
-        out[index] = sample_probabilities(net, slices[index], cfg, schedule, settings,
-                                          generator, device)
-        if progress:
-            progress(min(start + per_batch, len(todo)), len(todo))
-    return out.permute(1, 2, *range(3, out.ndim), 0).movedim(-1, axis + 1)
+    def fill(slices: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros((slices.shape[0], samples, num_classes, *slices.shape[2:]))
+        out[:, :, 0] = 1.0
+        return out.flatten(1, 2)
+
+    return fill

@@ -1,9 +1,7 @@
-"""Reading scans (NIfTI, DICOM series folders, PNG) through MONAI and writing results safely.
+"""Checking scans before (and right after) their voxels are read.
 
 Every input is checked cheaply (headers only) before voxel data is read, so a hostile or broken
 file ends in one `InputError` line instead of a traceback or an allocation its header asks for.
-Outputs are written atomically (temporary file, fsync, rename) so a killed process never leaves a
-half-written file under its final name.
 """
 
 from __future__ import annotations
@@ -13,23 +11,25 @@ import gzip
 import io
 import logging
 import math
-import os
-import re
-import secrets
 import warnings
 from collections.abc import Iterator, Sequence
-from functools import cache
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pydicom
-from monai.data import NibabelReader, PILReader, PydicomReader
-from monai.data.image_reader import ImageReader
-from monai.transforms import LoadImage
 from PIL import Image
 
 from medidiff.errors import InputError
+from medidiff.io.discover import (
+    _UNSUPPORTED,
+    _dicom_candidates,
+    _error,
+    _is_dicom_file,
+    _kind,
+    _shown,
+    _visible_entries,
+)
 
 # 1024**3 / 4 voxels is 1 GiB as float32: far above any scan we expect, far below an OOM kill.
 MAX_VOXELS = 1024**3 // 4
@@ -37,136 +37,6 @@ MAX_PNG_PIXELS = 8192 * 8192  # below PIL's decompression-bomb warning (about 89
 MAX_INTENSITY = 1e30  # beyond this, spans and products of voxel values overflow float32
 MAX_HEADER_BYTES = 16 * 1024**2  # NIfTI header plus extensions (vox_offset)
 _GZIP_MAX_RATIO = 1100  # deflate cannot expand more than about 1032:1
-_NIFTI_SUFFIXES = (".nii.gz", ".nii")
-_DICOM_SKIP_SUFFIXES = (".nii", ".gz", ".png", ".json", ".csv", ".txt", ".yaml", ".yml")
-_CASE_NAME_MAX = 100
-_UNSUPPORTED = "has an unsupported type; expected .nii, .nii.gz, .png or a DICOM folder"
-
-
-# -- paths and names ---------------------------------------------------------------------------
-
-
-def _shown(path: str | Path) -> str:
-    """The path as one printable line: control characters and undecodable bytes escaped."""
-    text = str(path)
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
-def _error(path: str | Path, problem: str) -> InputError:
-    return InputError(_shown(path), problem)
-
-
-def _kind(path: Path) -> str | None:
-    """'nifti', 'png' or 'dicom' (a folder), judged by the name alone; None if unsupported."""
-    if path.is_dir():
-        return "dicom"
-    name = path.name.lower()
-    if name.endswith(_NIFTI_SUFFIXES):
-        return "nifti"
-    if name.endswith(".png"):
-        return "png"
-    return None
-
-
-def _is_dicom_file(path: Path) -> bool:
-    """A Part-10 DICOM file: the 'DICM' magic at byte 128."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(128)
-            return f.read(4) == b"DICM"
-    except OSError:
-        return False
-
-
-def _visible_entries(folder: Path) -> list[Path]:
-    """A folder's entries without hidden ones, sorted by name (MONAI's glob skips hidden too)."""
-    try:
-        names = sorted(e.name for e in os.scandir(folder) if not e.name.startswith("."))
-    except OSError as e:
-        raise _error(folder, f"cannot be listed ({e.strerror or type(e).__name__})") from None
-    return [folder / n for n in names]
-
-
-def _dicom_candidates(folder: Path) -> list[Path]:
-    """Files of a folder that claim to be DICOM: a `.dcm` suffix or the DICM magic."""
-    found = []
-    for entry in _visible_entries(folder):
-        if not entry.is_file():
-            continue
-        name = entry.name.lower()
-        if name.endswith(".dcm"):
-            found.append(entry)
-        elif not name.endswith(_DICOM_SKIP_SUFFIXES) and _is_dicom_file(entry):
-            found.append(entry)
-    return found
-
-
-def _is_dicom_series(folder: Path) -> bool:
-    return bool(_dicom_candidates(folder))
-
-
-def _discover_one(path: Path) -> list[Path]:
-    if not path.exists():
-        raise _error(path, "does not exist")
-    if path.is_dir():
-        if _is_dicom_series(path):
-            return [path]
-        items = [
-            e
-            for e in _visible_entries(path)
-            if (e.is_file() and _kind(e) in ("nifti", "png"))
-            or (e.is_dir() and _is_dicom_series(e))
-        ]
-        if not items:
-            raise _error(path, "holds no NIfTI, PNG or DICOM series")
-        return items
-    if _kind(path) is None:
-        if path.name.lower().endswith(".dcm") or _is_dicom_file(path):
-            raise _error(path, "is a single DICOM file; pass the folder of its series instead")
-        raise _error(path, _UNSUPPORTED)
-    return [path]
-
-
-def discover_inputs(paths: Sequence[str | Path]) -> list[Path]:
-    """The scans named by `paths`: files, DICOM series folders, or folders of them (one level).
-
-    The result is de-duplicated and sorted by path, so that every process sharding the same
-    inputs (`--part-id/--num-parts`) sees the same list whatever the order of its arguments.
-    """
-    found: dict[str, Path] = {}
-    for given in paths:
-        for item in _discover_one(Path(given)):
-            found.setdefault(os.path.realpath(item), item)
-    return sorted(found.values(), key=str)
-
-
-def case_name(path: str | Path) -> str:
-    """The name outputs of a scan are called after: `case.nii.gz` -> `case`, a folder -> its name.
-
-    Only the file or folder name is used (never a DICOM header field, which may hold a patient's
-    name), reduced to letters, digits, `-`, `_` and `.` (no leading dot), so that an output can
-    never leave its folder. Distinct inputs may share a case name (`a/x.nii`, `b/x.nii`).
-    """
-    path = Path(path)
-    name = Path(os.path.abspath(path)).name
-    lower = name.lower()
-    for suffix in (*_NIFTI_SUFFIXES, ".png"):
-        if lower.endswith(suffix) and not path.is_dir():
-            name = name[: -len(suffix)]
-            break
-    name = re.sub(r"[^\w.-]+", "_", name).strip("._")
-    return name[:_CASE_NAME_MAX] or "case"
-
-
-def safe_output_path(out_dir: str | Path, name: str | Path) -> Path:
-    """`out_dir / name`, refused (InputError) if it would resolve outside `out_dir`."""
-    out_dir = Path(out_dir)
-    target = out_dir / name
-    inside = os.path.realpath(out_dir)
-    resolved = os.path.realpath(target)
-    if Path(name).is_absolute() or resolved == inside or not Path(resolved).is_relative_to(inside):
-        raise _error(name, f"would be written outside the output folder {_shown(out_dir)}")
-    return target
 
 
 # -- cheap checks before loading ---------------------------------------------------------------
@@ -178,6 +48,17 @@ def _quiet() -> Iterator[None]:
     with warnings.catch_warnings(), _muted_logger("nibabel.global"):
         warnings.simplefilter("ignore")
         yield
+
+
+@contextlib.contextmanager
+def _muted_logger(name: str) -> Iterator[None]:
+    logger = logging.getLogger(name)
+    old = logger.disabled
+    logger.disabled = True
+    try:
+        yield
+    finally:
+        logger.disabled = old
 
 
 def validate_input(path: str | Path) -> None:
@@ -499,172 +380,43 @@ def _check_slice_order(folder: Path, headers: list[pydicom.Dataset], depth: list
         raise _error(folder, "has unevenly spaced slices (a slice missing or out of order?)")
 
 
-# -- loading -----------------------------------------------------------------------------------
-
-
-def _to_grey(image: Image.Image) -> Image.Image:
-    """Any PIL mode to 32-bit float grey: luminance for colour (alpha dropped), 16-bit kept."""
-    if image.mode == "F":
-        return image
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    try:
-        return image.convert("F")
-    except ValueError:  # modes without a direct route to F
-        return image.convert("RGB").convert("F")
-
-
-def reader_for(path: str | Path) -> ImageReader:
-    """The MONAI reader for a scan, to pass to `LoadImage(d)(reader=...)`.
-
-    NIfTI: `NibabelReader` (trailing singleton dimensions squeezed). DICOM folder:
-    `PydicomReader` reading the files with the DICM magic, affine in RAS. PNG: `PILReader`
-    converting to float grey, first array axis = image x (MONAI's convention, as for NIfTI).
-    """
-    kind = _kind(Path(path))
-    if kind == "nifti":
-        return NibabelReader(squeeze_non_spatial_dims=True)
-    if kind == "dicom":
-        return PydicomReader(fname_regex=None, affine_lps_to_ras=True)
-    if kind == "png":
-        return PILReader(converter=_to_grey, formats=("PNG",))
-    raise _error(path, _UNSUPPORTED)
-
-
-@cache
-def _loader() -> LoadImage:
-    # LoadImage instantiates every registered reader; MONAI 1.6's nvImageCodec one logs a warning.
-    with _quiet(), _muted_logger("monai.data.nvimgcodec_pydicom_plugin"):
-        return LoadImage(image_only=True, ensure_channel_first=True, dtype=np.float32)
-
-
-@contextlib.contextmanager
-def _muted_logger(name: str) -> Iterator[None]:
-    logger = logging.getLogger(name)
-    old = logger.disabled
-    logger.disabled = True
-    try:
-        yield
-    finally:
-        logger.disabled = old
-
-
-def load_image(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """A scan as (float32 channel-first array, 4x4 affine), checked before and after loading.
-
-    Raises InputError for anything `validate_input` refuses, for a file that fails while its
-    voxels are read (truncated data), for NaN/Inf voxels and for a constant image.
-    """
-    path = Path(path)
-    validate_input(path)
-    try:
-        with _quiet():
-            image = _loader()(str(path), reader=reader_for(path))
-    except Exception as e:  # the header was fine, the data is not: truncated or corrupt
-        raise _error(
-            path, f"cannot be read: its data is truncated or corrupt ({_reason(e, path)})"
-        ) from None
-    array = np.ascontiguousarray(image.numpy(), dtype=np.float32)
-    affine = np.asarray(image.affine, dtype=np.float64)
-    check_voxels(path, array)
-    return array, affine
-
-
-def check_voxels(path: str | Path, array) -> None:
+def check_voxels(path: str | Path, array, *, repair: bool = False) -> int:
     """Refuse loaded voxels with NaN/Inf, beyond +-MAX_INTENSITY or without contrast.
 
     Also for pipelines built on LoadImaged. Finite float32 values near its maximum (3.4e38) pass
     a NaN check but turn into Inf/NaN once scaled, so they are refused here, not written out.
+
+    Any non-finite voxel (NaN, +Inf, -Inf) refuses the scan. With `repair=True` they do not:
+    the number of them is returned (0 when none) and the caller replaces them with
+    `repair_nonfinite`; the other checks then judge the scan as it will be once repaired.
     """
     array = np.asarray(array)
     bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+    if bad and not repair:
+        raise _error(
+            path,
+            f"contains {bad} NaN/Inf voxels (non-finite); pass --repair-nonfinite to replace "
+            "them with the scan's lowest finite value",
+        )
     if bad:
-        raise _error(path, f"contains {bad} NaN/Inf voxels")
+        array, _ = repair_nonfinite(array)
     if array.size == 0 or array.min() == array.max():
         raise _error(path, "is constant (no contrast)")
     largest = max(abs(float(array.min())), abs(float(array.max())))
     if largest > MAX_INTENSITY:
         raise _error(path, f"has intensities up to {largest:.3g}; the limit is {MAX_INTENSITY:g}")
+    return bad
 
 
-# -- writing -----------------------------------------------------------------------------------
+def repair_nonfinite(array) -> tuple[np.ndarray, int]:
+    """A copy of `array` with NaN/Inf voxels set to its lowest finite value (0 if it has none).
 
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write `data` to `path` so that readers see the old file or the whole new one, never part.
-
-    A temporary file in the same folder is written, flushed, fsynced and renamed over `path`;
-    it is removed if anything fails. The folder is created if needed.
+    Returns the copy and the number of voxels replaced; `array` itself is never modified.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name[:200]}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666 & umask, not 0o600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_folder(path.parent)
-    return path
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make the rename itself durable; not possible on every platform."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> Path:
-    """`atomic_write_bytes` for text (no newline translation)."""
-    return atomic_write_bytes(path, text.encode(encoding))
-
-
-def _nifti_data(array) -> np.ndarray:
-    """float32 for floating data, the array's own integer type otherwise; bool as uint8."""
-    data = np.asarray(array)
-    if data.ndim == 4 and data.shape[0] == 1:  # channel-first with one channel
-        data = data[0]
-    if data.ndim not in (2, 3):
-        raise ValueError(f"save_nifti expects a 2D or 3D array, got shape {data.shape}")
-    if data.dtype == bool:
-        return data.astype(np.uint8)
-    if data.dtype.kind == "f":
-        return data.astype(np.float32, copy=False)
-    if data.dtype.kind in "iu":
-        return data
-    raise ValueError(f"save_nifti cannot write data of type {data.dtype}")
-
-
-def save_nifti(array, affine, path: str | Path, compresslevel: int = 6) -> Path:
-    """Write `array` (2D/3D, or one-channel channel-first 4D) with `affine` to `path` atomically.
-
-    qform and sform (code 1, scanner) come from the affine; `descrip` is empty, so nothing of an
-    input's header (which may name a patient) is carried over. `.nii.gz` output is gzipped with
-    mtime 0, so the same array and affine always give the same bytes.
-    """
-    data = _nifti_data(array)
-    affine = np.asarray(affine, dtype=np.float64)
-    if affine.shape != (4, 4) or not np.all(np.isfinite(affine)):
-        raise ValueError("save_nifti expects a finite 4x4 affine")
-    img = nib.Nifti1Image(data, affine, dtype=data.dtype)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    img.header["descrip"] = b""
-    img.header.set_xyzt_units("mm", "sec")
-    raw = img.to_bytes()
-    if Path(path).name.lower().endswith(".gz"):
-        raw = gzip.compress(raw, compresslevel=compresslevel, mtime=0)
-    return atomic_write_bytes(path, raw)
+    data = np.array(array, copy=True)
+    finite = np.isfinite(data)
+    count = int(data.size - np.count_nonzero(finite))
+    if count:
+        fill = data[finite].min() if finite.any() else 0
+        data[~finite] = fill
+    return data, count

@@ -15,7 +15,7 @@ import numpy as np
 
 from medidiff import metrics
 from medidiff.errors import InputError
-from medidiff.inference import read_table
+from medidiff.inference.cases import read_table
 
 MAP_SUFFIX = "_anomaly.nii.gz"
 MASK_SUFFIX = "_anomaly_mask.nii.gz"

@@ -1,0 +1,345 @@
+"""The one predictor every task's inference derives from, in the spirit of nnU-Net v2's
+``nnUNetPredictor`` (``nnunetv2/inference/predict_from_raw_data.py``).
+
+    predictor = SomeTaskPredictor.load(model_dir, device="auto", **settings)
+    result = predictor.predict_file("scan.nii.gz")       # or predict_array(volume, affine)
+    outcomes = predictor.predict_files(inputs, out_dir, overwrite=..., part_id=..., num_parts=...)
+
+The base loads a model folder, turns a file or an array (with its affine; no temporary file)
+into the model grid through the model's MONAI chain, checks the voxels, maps arrays on the grid
+back to the input's space (``Invertd``), and runs a folder of inputs: sharded, resumable, each
+case isolated, its resolved settings written as JSON into the output folder. A task's subclass
+says what it computes on the grid, what it writes and what goes into its table row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import EnsureChannelFirstd, EnsureTyped, LoadImaged, Orientationd
+from pydantic import BaseModel, ValidationError
+
+from medidiff.data.transforms import Chain, image_transforms, invert_to_input, volume_transforms
+from medidiff.errors import ConfigError, InputError, QualityError
+from medidiff.inference.cases import CaseOutcome, inputs_of_part, merge_rows, run_cases
+from medidiff.io.read import reader_for
+from medidiff.io.validate import check_voxels, repair_nonfinite, spatial_ndim, validate_input
+from medidiff.io.write import atomic_write_text
+from medidiff.models.batching import FixedBatch
+from medidiff.models.folder import LoadedModel, load_model
+from medidiff.preprocess.pipeline import Preprocessed, Preprocessor
+from medidiff.report import save_png
+from medidiff.runtime import micro_batch, select_device
+
+log = logging.getLogger("medidiff")
+
+# transforms that only read and orient: voxels are checked after them, before any resampling
+# or intensity scaling can hide or spread a NaN or Inf
+_LOADING = (LoadImaged, EnsureChannelFirstd, EnsureTyped, Orientationd)
+
+
+def with_overrides(section: BaseModel, **overrides) -> BaseModel:
+    """A config section with the given fields replaced (``None`` keeps the model's), validated
+    as the section itself validates them."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return type(section).model_validate({**section.model_dump(), **given})
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"{key}: {first['msg']}") from None
+
+
+@contextlib.contextmanager
+def reading(path: Path | None):
+    """Reader failures inside a MONAI chain (which wraps them in RuntimeError) as InputError."""
+    try:
+        yield
+    except InputError:
+        raise
+    except Exception as err:
+        raise InputError(path, f"could not be read ({type(err).__name__})") from None
+
+
+@dataclass
+class Prepared:
+    """A scan on the model grid: the MONAI data dict and the chain that can invert it."""
+
+    source: Path | None  # None for an array
+    pipeline: Chain
+    data: dict
+    repaired: int = 0  # non-finite voxels replaced (with repair_nonfinite)
+    native: Preprocessed | None = None  # the model's preprocessing, and the way back
+
+    @property
+    def image(self) -> MetaTensor:
+        return self.data["image"]
+
+    @property
+    def volume(self) -> torch.Tensor:
+        """The (C, *spatial) scan on the model grid as a plain float tensor."""
+        return self.image.as_tensor().float()
+
+    @property
+    def original_affine(self) -> np.ndarray:
+        """The input's own voxel-to-world affine."""
+        if self.native is not None:
+            return self.native.native_affine
+        return np.asarray(self.image.meta.get("original_affine", np.eye(4)), np.float64)
+
+    def to_input(self, array, nearest: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """An array on the model grid (channel first or not) in the input's space, and the
+        input's affine: the image's recorded spatial transforms replayed in reverse."""
+        image = self.image
+        tensor = torch.as_tensor(np.asarray(array, dtype=np.float32))
+        tensor = tensor if tensor.ndim == image.ndim else tensor[None]
+        data = {**self.data, "grid": MetaTensor(tensor, meta=image.meta,
+                                                applied_operations=image.applied_operations)}
+        out, affine = invert_to_input(self.pipeline, data, "grid", nearest=nearest)
+        if self.native is None:
+            return out, affine
+        return self.native.to_native(out, nearest=nearest), self.native.native_affine
+
+
+class Predictor:
+    """Base of every task's predictor; see the module docstring."""
+
+    task: ClassVar[Any] = None  # the task object (``medidiff.tasks.base.Task``)
+    section: ClassVar[str] = ""  # the config section holding the settings' defaults
+    stage: ClassVar[str] = ""  # MLflow run name, settings file ``<stage>_settings.json``
+    table: ClassVar[str] = ""  # the per-case CSV in the output folder
+    verb: ClassVar[str] = "done"  # what the summary says of finished cases
+    images_2d: ClassVar[bool] = False  # 2D images (PNG) are accepted by a 2D model
+    figure_key: ClassVar[str] = "overlay"  # the MLflow image key of each case's figure
+
+    def __init__(self, model: LoadedModel, settings: BaseModel, device: torch.device, *,
+                 repair_nonfinite: bool = False):
+        self.model, self.settings, self.device = model, settings, device
+        self.cfg = model.config
+        self.repair_nonfinite = repair_nonfinite
+        self.preprocessor = Preprocessor(self.cfg.preprocess) if self.cfg.preprocess.enabled else None
+        # a fixed network batch: results do not depend on --batch-size or on sharding
+        self.net = FixedBatch(model.net, micro_batch(self.cfg.data.spatial_dims, device))
+
+    # -- loading ------------------------------------------------------------------------------
+    @classmethod
+    def open_model(cls, folder: str | Path, device: torch.device) -> LoadedModel:
+        return load_model(folder, cls.task, device=str(device))
+
+    @classmethod
+    def load(cls, folder: str | Path, device: str = "auto", **options) -> Predictor:
+        """Load a model folder. ``options`` that name fields of the model's settings section
+        override them (``None`` keeps the model's); the others go to the constructor."""
+        dev = select_device(device)
+        return cls.from_model(cls.open_model(folder, dev), dev, **options)
+
+    @classmethod
+    def from_model(cls, model: LoadedModel, device: torch.device, **options) -> Predictor:
+        """A predictor over an already loaded model (``options`` as for ``load``)."""
+        section = getattr(model.config, cls.section)
+        fields = type(section).model_fields
+        settings = with_overrides(section, **{k: v for k, v in options.items() if k in fields})
+        return cls(model, settings, device,
+                   **{k: v for k, v in options.items() if k not in fields})
+
+    def describe(self) -> dict:
+        """The resolved settings, as written next to the outputs and logged to MLflow."""
+        return {**self.settings.model_dump(mode="json"), "model": str(self.model.folder),
+                "task": self.model.task, "repair_nonfinite": self.repair_nonfinite}
+
+    # -- preprocessing ------------------------------------------------------------------------
+    def transforms(self, ndim: int, reader) -> list:
+        """The MONAI chain from a file to the model grid (a task may drop or add steps)."""
+        build = image_transforms if ndim == 2 else volume_transforms
+        return list(build(self.cfg.data, reader=reader).transforms)
+
+    def check_image(self, path: Path | None, image: MetaTensor) -> None:
+        """A task's own checks of the loaded image (channels, extent)."""
+
+    def prepare_file(self, path: str | Path) -> Prepared:
+        path = Path(path)
+        validate_input(path)
+        return self._prepare({"image": str(path)}, path, spatial_ndim(path), reader_for(path))
+
+    def prepare_array(self, array: np.ndarray, affine: np.ndarray) -> Prepared:
+        """An in-memory scan (2D or 3D, no channel axis) with its voxel-to-world affine."""
+        array = np.asarray(array, dtype=np.float32)
+        affine = np.asarray(affine, dtype=np.float64)
+        if array.ndim not in (2, 3) or affine.shape != (4, 4):
+            raise InputError(None, f"expected a 2D or 3D array and a 4x4 affine, got shapes "
+                                   f"{array.shape} and {affine.shape}")
+        meta = {"affine": torch.as_tensor(affine), "original_affine": affine,
+                "spatial_shape": np.asarray(array.shape), "original_channel_dim": "no_channel",
+                "filename_or_obj": "array"}
+        image = MetaTensor(torch.from_numpy(array.copy()), affine=torch.as_tensor(affine),
+                           meta=meta)
+        return self._prepare({"image": image}, None, array.ndim, None, loaded=True)
+
+    def _prepare(self, data: dict, path: Path | None, ndim: int, reader,
+                 loaded: bool = False) -> Prepared:
+        if ndim == 2 and not (self.images_2d and self.cfg.data.spatial_dims == 2):
+            raise InputError(path, "is a 2D image; this model works on 3D volumes")
+        chain = self.transforms(ndim, reader)
+        steps = [t for t in chain if not (loaded and isinstance(t, LoadImaged))]
+        split = next((i for i, t in enumerate(steps) if not isinstance(t, _LOADING)), len(steps))
+        with reading(path):
+            data = Chain(steps[:split])(data)
+        image = data["image"]
+        if image.ndim != ndim + 1:
+            raise InputError(path, f"has {image.ndim - 1} spatial dimensions after loading; "
+                                   f"expected {ndim}")
+        self.check_image(path, image)
+        repaired = check_voxels(path if path is not None else "array", image,
+                                repair=self.repair_nonfinite)
+        if repaired:  # the caller reports it (the count is in the result)
+            fixed, _ = repair_nonfinite(image.as_tensor().numpy())
+            data["image"] = MetaTensor(torch.from_numpy(fixed), meta=image.meta,
+                                       applied_operations=image.applied_operations)
+        native = None
+        if self.preprocessor is not None:
+            data, native = self._preprocess(data, path)
+        with reading(path):
+            data = Chain(steps[split:])(data)
+        return Prepared(path, Chain(chain), data, repaired, native)
+
+    def _preprocess(self, data: dict, path: Path | None) -> tuple[dict, Preprocessed]:
+        """The model's preprocessing of the loaded scan; a failed registration is refused."""
+        image = data["image"]
+        meta = image.meta
+        native = self.preprocessor.run(image[0].numpy(), np.asarray(image.affine), path,
+                                       native_shape=meta.get("spatial_shape", image.shape[1:]),
+                                       native_affine=meta.get("original_affine", image.affine))
+        if native.failures:
+            raise QualityError(path, native.failures)
+        affine = torch.as_tensor(native.affine)
+        out = MetaTensor(torch.from_numpy(native.image[None]), affine=affine,
+                         meta={"original_affine": native.affine, "affine": affine,
+                               "spatial_shape": np.asarray(native.image.shape),
+                               "filename_or_obj": meta.get("filename_or_obj", "array")})
+        return {**data, "image": out}, native
+
+    # -- what a task supplies -------------------------------------------------------------------
+    def predict(self, prep: Prepared, progress=None):
+        """The task's result for a prepared scan (arrays in the input's space)."""
+        raise NotImplementedError
+
+    def output_names(self, case: str) -> list[str]:
+        raise NotImplementedError
+
+    def write(self, result, out_dir: Path, case: str) -> list[Path]:
+        raise NotImplementedError
+
+    def figure(self, result) -> np.ndarray | None:
+        return None
+
+    def case_outputs(self, case: str) -> list[str]:
+        """Every file a finished case has: the task's, and the transform of a registration."""
+        registered = self.preprocessor is not None and self.preprocessor.registers
+        return self.output_names(case) + ([f"{case}_transform.tfm"] if registered else [])
+
+    def failed_row(self, case: str, reasons: list[str]) -> dict:
+        """The table row of a scan whose preprocessing failed its quality control."""
+        return {"case": case, "ood": 1, "ood_reason": "; ".join(reasons)}
+
+    def row(self, result, case: str) -> dict:
+        return {"case": case}
+
+    # -- running ----------------------------------------------------------------------------------
+    def predict_file(self, path: str | Path, progress=None):
+        return self.predict(self.prepare_file(path), progress)
+
+    def predict_array(self, array: np.ndarray, affine: np.ndarray, progress=None):
+        return self.predict(self.prepare_array(array, affine), progress)
+
+    def predict_files(self, inputs: Sequence[str | Path], out_dir: str | Path, *,
+                      overwrite: bool = False, part_id: int = 0, num_parts: int = 1,
+                      tracker=None, on_case: Callable[[CaseOutcome], None] | None = None,
+                      progress: Callable[[int, int], None] | None = None, run_name: str | None = None, nested: bool = False,
+                      params: dict | None = None) -> list[CaseOutcome]:
+        """Predict every input (expanded, then this part's share) into ``out_dir``.
+
+        Inputs that cannot be used and cases that fail become ``failed`` outcomes (each
+        reported once, through ``on_case``); finished cases are skipped unless ``overwrite``.
+        ``progress(done, total)`` follows the cases.
+        """
+        paths, unusable = inputs_of_part(inputs, part_id, num_parts, on_case)
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # what the outputs were computed with: the same file for any split of the inputs
+        settings = {**self.describe(), **(params or {})}
+        atomic_write_text(out_dir / f"{self.stage}_settings.json",
+                          json.dumps(settings, indent=2, default=str) + "\n")
+        settings.update(overwrite=overwrite, part_id=part_id, num_parts=num_parts)
+        with (tracker.run(run_name or self.stage, nested=nested,
+                          tags={"stage": self.stage, "model_task": self.model.task})
+              if tracker else contextlib.nullcontext()):
+            if tracker:
+                tracker.log_params({**settings, "inputs": len(paths)})
+
+            def process(path: Path, case: str) -> dict:
+                try:
+                    prep = self.prepare_file(path)
+                except QualityError as err:  # recorded in the table, then reported as failed
+                    if self.table:
+                        merge_rows(out_dir / self.table, [self.failed_row(case, err.reasons)])
+                    raise
+                result = self.predict(prep)
+                self.write(result, out_dir, case)
+                if prep.native is not None:
+                    prep.native.save_transform(out_dir / f"{case}_transform.tfm")
+                figure = self.figure(result)
+                if figure is not None:
+                    save_png(figure, out_dir / f"{case}.png")
+                    if tracker:
+                        tracker.log_image(figure, key=f"{self.figure_key}/{case}")
+                row = self.row(result, case)
+                if prep.repaired:
+                    row["repaired_voxels"] = prep.repaired
+                if prep.native is not None:
+                    row.update({f"qc_{k}": v for k, v in prep.native.qc.items()})
+                return row
+
+            finished = []
+
+            def case_done(outcome: CaseOutcome) -> None:
+                finished.append(outcome)
+                if on_case:
+                    on_case(outcome)
+                if progress:
+                    progress(len(finished), len(paths))
+
+            if progress:
+                progress(0, len(paths))
+            outcomes = run_cases(paths, out_dir, self.case_outputs, process, overwrite,
+                                 case_done, table=self.table)
+            if tracker:
+                self.log_summary(tracker, outcomes, out_dir)
+        return unusable + outcomes
+
+    def log_summary(self, tracker, outcomes: list[CaseOutcome], out_dir: Path) -> None:
+        """Counts, the mean of each numeric column of the table, and the table, to MLflow."""
+        done = [o for o in outcomes if o.status == "done"]
+        summary = {"done": len(done), "failed": sum(o.status == "failed" for o in outcomes)}
+        for key in (done[0].row if done else {}):
+            values = [_number(o.row.get(key)) for o in done]
+            if key != "case" and all(v is not None for v in values):
+                summary[f"mean_{key}"] = float(np.nanmean(values))
+        tracker.log_metrics(summary)
+        if (out_dir / self.table).is_file():
+            tracker.log_artifact(out_dir / self.table)
+
+
+def _number(value) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,135 @@
+"""Finding scans: files, DICOM series folders and folders of them, and the names of their outputs.
+
+The kind of an input (NIfTI, PNG or a DICOM folder) is judged from its name, and a folder is a
+DICOM series when it holds files with a `.dcm` suffix or the DICM magic. Also the one-line
+`InputError` helpers the other `medidiff.io` modules share.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from medidiff.errors import InputError
+
+_NIFTI_SUFFIXES = (".nii.gz", ".nii")
+_DICOM_SKIP_SUFFIXES = (".nii", ".gz", ".png", ".json", ".csv", ".txt", ".yaml", ".yml")
+_CASE_NAME_MAX = 100
+_UNSUPPORTED = "has an unsupported type; expected .nii, .nii.gz, .png or a DICOM folder"
+
+
+# -- paths and names ---------------------------------------------------------------------------
+
+
+def _shown(path: str | Path) -> str:
+    """The path as one printable line: control characters and undecodable bytes escaped."""
+    text = str(path)
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _error(path: str | Path, problem: str) -> InputError:
+    return InputError(_shown(path), problem)
+
+
+def _kind(path: Path) -> str | None:
+    """'nifti', 'png' or 'dicom' (a folder), judged by the name alone; None if unsupported."""
+    if path.is_dir():
+        return "dicom"
+    name = path.name.lower()
+    if name.endswith(_NIFTI_SUFFIXES):
+        return "nifti"
+    if name.endswith(".png"):
+        return "png"
+    return None
+
+
+def _is_dicom_file(path: Path) -> bool:
+    """A Part-10 DICOM file: the 'DICM' magic at byte 128."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(128)
+            return f.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def _visible_entries(folder: Path) -> list[Path]:
+    """A folder's entries without hidden ones, sorted by name (MONAI's glob skips hidden too)."""
+    try:
+        names = sorted(e.name for e in os.scandir(folder) if not e.name.startswith("."))
+    except OSError as e:
+        raise _error(folder, f"cannot be listed ({e.strerror or type(e).__name__})") from None
+    return [folder / n for n in names]
+
+
+def _dicom_candidates(folder: Path) -> list[Path]:
+    """Files of a folder that claim to be DICOM: a `.dcm` suffix or the DICM magic."""
+    found = []
+    for entry in _visible_entries(folder):
+        if not entry.is_file():
+            continue
+        name = entry.name.lower()
+        if name.endswith(".dcm"):
+            found.append(entry)
+        elif not name.endswith(_DICOM_SKIP_SUFFIXES) and _is_dicom_file(entry):
+            found.append(entry)
+    return found
+
+
+def _is_dicom_series(folder: Path) -> bool:
+    return bool(_dicom_candidates(folder))
+
+
+def _discover_one(path: Path) -> list[Path]:
+    if not path.exists():
+        raise _error(path, "does not exist")
+    if path.is_dir():
+        if _is_dicom_series(path):
+            return [path]
+        items = [
+            e
+            for e in _visible_entries(path)
+            if (e.is_file() and _kind(e) in ("nifti", "png"))
+            or (e.is_dir() and _is_dicom_series(e))
+        ]
+        if not items:
+            raise _error(path, "holds no NIfTI, PNG or DICOM series")
+        return items
+    if _kind(path) is None:
+        if path.name.lower().endswith(".dcm") or _is_dicom_file(path):
+            raise _error(path, "is a single DICOM file; pass the folder of its series instead")
+        raise _error(path, _UNSUPPORTED)
+    return [path]
+
+
+def discover_inputs(paths: Sequence[str | Path]) -> list[Path]:
+    """The scans named by `paths`: files, DICOM series folders, or folders of them (one level).
+
+    The result is de-duplicated and sorted by path, so that every process sharding the same
+    inputs (`--part-id/--num-parts`) sees the same list whatever the order of its arguments.
+    """
+    found: dict[str, Path] = {}
+    for given in paths:
+        for item in _discover_one(Path(given)):
+            found.setdefault(os.path.realpath(item), item)
+    return sorted(found.values(), key=str)
+
+
+def case_name(path: str | Path) -> str:
+    """The name outputs of a scan are called after: `case.nii.gz` -> `case`, a folder -> its name.
+
+    Only the file or folder name is used (never a DICOM header field, which may hold a patient's
+    name), reduced to letters, digits, `-`, `_` and `.` (no leading dot), so that an output can
+    never leave its folder. Distinct inputs may share a case name (`a/x.nii`, `b/x.nii`).
+    """
+    path = Path(path)
+    name = Path(os.path.abspath(path)).name
+    lower = name.lower()
+    for suffix in (*_NIFTI_SUFFIXES, ".png"):
+        if lower.endswith(suffix) and not path.is_dir():
+            name = name[: -len(suffix)]
+            break
+    name = re.sub(r"[^\w.-]+", "_", name).strip("._")
+    return name[:_CASE_NAME_MAX] or "case"

@@ -1,0 +1,72 @@
+"""Every closed set of names medidiff accepts, written once.
+
+The config (``medidiff.config``), the command line (``click.Choice``), the implementations and
+the docs (``medidiff.config_docs``) all take their valid names from here, so a new sampler or
+method is added in one place and an error message always lists what is valid. Plain tuples, in
+the order the docs list them; no heavy imports, so the CLI can read them before loading torch.
+"""
+
+from __future__ import annotations
+
+TASK_NAMES = ("anomaly", "denoise", "superres", "segment")
+"""What a model is trained for (``task``)."""
+
+SAMPLERS = ("ddpm", "ddim", "dpmpp2m", "x0")
+"""Reverse-process samplers (``medidiff.diffusion.samplers.SAMPLERS`` holds one of each)."""
+
+ANOMALY_METHODS = ("diffusion", "zscore", "threshold")
+"""Anomaly scoring: the diffusion model, or a baseline (voxel-wise z-score; thresholding)."""
+
+FUSIONS = ("mean", "vote")
+"""How sampled segmentations are fused: mean class probabilities, or majority vote."""
+
+ENCODINGS = ("onehot", "bits")
+"""How a segmentation label map is encoded for the diffusion model: one-hot or analog bits."""
+
+RESAMPLE_MODES = ("nearest", "linear")
+"""How a segmentation goes back to the scan's grid: labels nearest, or probabilities linear."""
+
+NOISE_SCHEDULES = ("linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine")
+"""MONAI beta schedules (``diffusion.schedule``)."""
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+"""What the network predicts (``diffusion.prediction_type``)."""
+
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+"""Mixed precision (``train.amp``)."""
+
+NOISE_KINDS = ("rician", "gaussian")
+"""Noise added to clean scans when training a denoising model (``denoise.noise``)."""
+
+BIAS_CORRECTIONS = ("none", "n4")
+"""Bias-field correction before registration (``preprocess.bias_correction``)."""
+
+REGISTRATIONS = ("none", "rigid", "affine")
+"""Registration of a scan to the head template (``preprocess.registration``)."""
+
+TEMPLATES = ("mni152-2009c-t1", "mni152-2009c-t2")
+"""Packaged head templates (MNI ICBM152 2009c, 2 mm; ``preprocess.template``)."""
+
+SKULL_STRIPS = ("none", "template")
+"""Brain extraction (``preprocess.skull_strip``): the template's brain mask after registration."""
+
+RUN_FORMATS = ("table", "csv", "json", "markdown")
+"""Output formats of ``medidiff runs compare``."""
+
+__all__ = [
+    "AMP_MODES",
+    "ANOMALY_METHODS",
+    "BIAS_CORRECTIONS",
+    "ENCODINGS",
+    "FUSIONS",
+    "NOISE_KINDS",
+    "NOISE_SCHEDULES",
+    "PREDICTION_TYPES",
+    "REGISTRATIONS",
+    "RESAMPLE_MODES",
+    "RUN_FORMATS",
+    "SAMPLERS",
+    "SKULL_STRIPS",
+    "TASK_NAMES",
+    "TEMPLATES",
+]
