@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import click
 from medidiff.workflows.common import echo, progress_bar
@@ -18,16 +19,29 @@ def data() -> None:
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Random seed; the same seed gives byte-identical files.")
 @click.option("--subjects", type=click.IntRange(min=4, max=500), default=40, show_default=True,
-              help="Number of synthetic subjects (train, validation and test together).")
+              help="Number of synthetic subjects (train, validation and test together); "
+                   "24 by default with --raw.")
 @click.option("--spacing", type=click.FloatRange(0.5, 10.0), default=2.0, show_default=True,
-              help="Voxel spacing of the written scans (mm).")
-def example(out_dir: str, seed: int, subjects: int, spacing: float) -> None:
+              help="Voxel spacing of the written scans (mm); not for --raw.")
+@click.option("--raw", is_flag=True,
+              help="Scans as a scanner writes them (skull on, random pose, native grids, int16, "
+                   "some DICOM series), with ground truth for preprocessing.")
+@click.pass_context
+def example(ctx: click.Context, out_dir: str, seed: int, subjects: int, spacing: float,
+            raw: bool) -> None:
     """Build the example data set from the MNI152 template that nilearn ships.
 
     Healthy train/val scans, test scans with synthetic lesions and their masks, tissue labels,
-    noisy and low-resolution copies, and a Decathlon-style dataset.json.
+    noisy and low-resolution copies, and a Decathlon-style dataset.json. With --raw: raw head
+    scans on native grids, with brain masks, labels, poses and landmarks for evaluation.
     """
     from medidiff.data.example import make_example_dataset
+
+    default = click.core.ParameterSource.DEFAULT
+    if raw and ctx.get_parameter_source("spacing") is not default:
+        raise click.UsageError("--spacing does not apply to --raw (each scan has its own grid)")
+    if raw and ctx.get_parameter_source("subjects") is default:
+        subjects = 24
 
     started = time.monotonic()
     with progress_bar(subjects, "subjects") as bar:
@@ -36,6 +50,12 @@ def example(out_dir: str, seed: int, subjects: int, spacing: float) -> None:
             bar.set_postfix_str(message, refresh=False)
             bar.refresh()
 
-        manifest = make_example_dataset(out_dir, seed=seed, subjects=subjects,
-                                        spacing_mm=spacing, progress=advance)
+        if raw:
+            from medidiff.data.raw import make_raw_dataset
+
+            make_raw_dataset(out_dir, seed=seed, subjects=subjects, progress=advance)
+            manifest = Path(out_dir) / "dataset.json"
+        else:
+            manifest = make_example_dataset(out_dir, seed=seed, subjects=subjects,
+                                            spacing_mm=spacing, progress=advance)
     echo(f"wrote {manifest} ({subjects} subjects, {time.monotonic() - started:.0f} s)")

@@ -1,0 +1,192 @@
+"""The raw example data set: skull-on scans as scanners write them, with their ground truth."""
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from medidiff.data.raw import (
+    LANDMARKS_MM,
+    _deformation,
+    _from_template,
+    _to_template,
+    head_template,
+    make_raw_dataset,
+)
+from medidiff.io.read import load_image
+from tests.helpers import run_cli
+
+SUBJECTS = 6
+BRAIN_LANDMARKS = ("anterior_commissure", "posterior_commissure", "left_temporal_pole",
+                   "right_temporal_pole")
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory):
+    out = tmp_path_factory.mktemp("raw") / "data"
+    calls = []
+    index = make_raw_dataset(out, seed=0, subjects=SUBJECTS,
+                             progress=lambda *a: calls.append(a))
+    assert json.loads((out / "dataset.json").read_text()) == index
+    return out, index, calls
+
+
+def entries(index: dict) -> list[dict]:
+    return index["training"] + index["validation"] + index["test"]
+
+
+def files(root: Path) -> dict[str, bytes]:
+    paths = sorted(p for p in root.rglob("*") if p.is_file())
+    return {str(p.relative_to(root)): p.read_bytes() for p in paths}
+
+
+def load(root: Path, rel: str) -> tuple[np.ndarray, nib.Nifti1Image]:
+    image = nib.load(root / rel)
+    return np.asarray(image.dataobj), image
+
+
+def scan_grid(root: Path, entry: dict) -> tuple[tuple[int, ...], np.ndarray]:
+    """Shape and affine of a raw scan as the project reads it."""
+    array, affine = load_image(root / entry["image"])
+    return array.shape[1:], affine
+
+
+def test_layout_and_dataset_json(raw):
+    root, index, calls = raw
+    assert index["raw"] is True and index["seed"] == 0 and "MNI" in index["licence"]
+    assert index["numTraining"] + index["numValidation"] + index["numTest"] == SUBJECTS
+    assert [c[:2] for c in calls] == [(i + 1, SUBJECTS) for i in range(SUBJECTS)]
+    for entry in entries(index):
+        keys = ["image", "label", "brain"] + (["mask"] if "mask" in entry else [])
+        for key in keys + [f"registered/{k}" for k in entry["registered"]]:
+            rel = entry["registered"][key[11:]] if key.startswith("registered/") else entry[key]
+            assert not Path(rel).is_absolute() and (root / rel).exists(), rel
+        assert entry["format"] in ("nifti", "dicom")
+        assert (root / entry["image"]).is_dir() == (entry["format"] == "dicom")
+        assert np.asarray(entry["pose"]).shape == (4, 4)
+        assert set(entry["landmarks"]) == set(LANDMARKS_MM) and len(LANDMARKS_MM) == 8
+    tests = index["test"]
+    assert all("mask" in e and "lesion" in e for e in tests)
+    assert {e["lesion"] for e in tests} == {True, False}
+    formats = {(e["image"].split("/")[0], e["format"]) for e in entries(index)}
+    assert {("train", "dicom"), ("test", "dicom"), ("train", "nifti")} <= formats
+    assert not any(name.endswith(".tmp") for name in files(root))
+
+
+def test_native_grids_vary_and_scans_are_int16(raw):
+    root, index, _ = raw
+    orientations, spacings = set(), set()
+    for entry in entries(index):
+        shape, affine = scan_grid(root, entry)
+        orientations.add(nib.aff2axcodes(affine))
+        spacings.add(tuple(np.round(np.linalg.norm(affine[:3, :3], axis=0), 3)))
+        assert "".join(nib.aff2axcodes(affine)) == entry["orientation"]
+        assert list(shape) == entry["shape"]
+        if entry["format"] == "nifti":
+            assert nib.load(root / entry["image"]).get_data_dtype() == np.int16
+        else:
+            import pydicom
+
+            slices = sorted((root / entry["image"]).iterdir())
+            assert len(slices) == shape[2]
+            ds = pydicom.dcmread(slices[0])
+            assert (ds.BitsAllocated, ds.PixelRepresentation) == (16, 1)
+            assert str(ds.PatientName) == "anonymous"
+            assert not any(k.endswith("Date") and ds.get(k) for k in ds.dir())
+    assert len(orientations) >= 2 and len(spacings) >= 2
+
+
+def test_ground_truth_on_the_raw_grid(raw):
+    """Every ground-truth file lies on the grid load_image gives for the scan (DICOM too)."""
+    root, index, _ = raw
+    for entry in entries(index):
+        shape, affine = scan_grid(root, entry)
+        brain, brain_image = load(root, entry["brain"])
+        labels, label_image = load(root, entry["label"])
+        for image in (brain_image, label_image):
+            assert image.shape == shape
+            np.testing.assert_allclose(image.affine, affine, atol=1e-4)
+        assert brain.dtype == labels.dtype == np.uint8
+        assert set(np.unique(brain)) == {0, 1}
+        assert set(np.unique(labels)) == {0, 1, 2, 3}
+        assert np.array_equal(labels > 0, brain > 0)
+        if "mask" in entry:
+            mask, mask_image = load(root, entry["mask"])
+            assert mask_image.shape == shape and mask.dtype == np.uint8
+            np.testing.assert_allclose(mask_image.affine, affine, atol=1e-4)
+            assert set(np.unique(mask)) <= {0, 1}
+            assert mask.any() == entry["lesion"]
+            assert not np.any(mask & (brain == 0))  # lesions only inside the brain
+
+
+def test_dicom_subject_loads_with_its_mask_grid(raw):
+    root, index, _ = raw
+    dicom = [e for e in index["test"] if e["format"] == "dicom"]
+    assert dicom
+    array, affine = load_image(root / dicom[0]["image"])
+    mask = nib.load(root / dicom[0]["mask"])
+    assert array.shape[1:] == mask.shape
+    np.testing.assert_allclose(mask.affine, affine, atol=1e-4)
+    assert np.all(array == np.round(array)) and 0 <= array.min() and array.max() < 2**15
+
+
+def test_pose_maps_the_registered_brain_onto_the_raw_brain(raw):
+    root, index, _ = raw
+    for entry in entries(index):
+        registered, registered_image = load(root, entry["registered"]["brain"])
+        brain, brain_image = load(root, entry["brain"])
+        assert registered_image.shape == (97, 115, 97)
+        pose = np.asarray(entry["pose"])
+        matrix = np.linalg.inv(registered_image.affine) @ np.linalg.inv(pose) @ brain_image.affine
+        mapped = ndi.affine_transform(registered, matrix[:3, :3], matrix[:3, 3],
+                                      output_shape=brain.shape, order=0)
+        dice = 2 * np.sum(mapped & brain) / (mapped.sum() + brain.sum())
+        assert dice > 0.95, (entry["image"], dice)
+
+
+def test_landmarks_follow_deformation_and_pose(raw):
+    root, index, _ = raw
+    for entry in entries(index):
+        pose_inverse = np.linalg.inv(np.asarray(entry["pose"]))
+        brain, brain_image = load(root, entry["brain"])
+        for name, point in entry["landmarks"].items():
+            assert point["template_mm"] == list(LANDMARKS_MM[name])
+            back = (pose_inverse @ [*point["native_mm"], 1.0])[:3]
+            # scaling by up to 8% about the head's centre and a few mm of elastic displacement
+            limit = 8.0 if name in BRAIN_LANDMARKS[:2] else 16.0
+            assert np.linalg.norm(back - point["template_mm"]) < limit, (entry["image"], name)
+        for name in BRAIN_LANDMARKS:  # deep brain points land in the raw brain mask
+            voxel = np.linalg.inv(brain_image.affine) @ [*entry["landmarks"][name]["native_mm"], 1]
+            assert brain[tuple(np.round(voxel[:3]).astype(int))] == 1, (entry["image"], name)
+
+
+def test_landmarks_invert_the_deformation_exactly():
+    """Native landmarks come from inverting the subject -> template map, to far below a voxel."""
+    tpl = head_template()
+    field = _deformation(tpl, np.random.default_rng(3))
+    points = np.array(list(LANDMARKS_MM.values())).T
+    subject = _from_template(tpl, field, points)
+    assert np.abs(subject - points).max() > 1.0  # the deformation moves them
+    np.testing.assert_allclose(_to_template(tpl, field, subject), points, atol=0.01)
+
+
+def test_cli_raw_is_deterministic_and_seeds_differ(raw, tmp_path):
+    root, _, _ = raw
+    code, _, err = run_cli("data", "example", str(tmp_path / "cli"), "--raw", "--subjects",
+                           str(SUBJECTS))
+    assert code == 0, err
+    assert files(tmp_path / "cli") == files(root)  # the same seed gives the same bytes
+    other = make_raw_dataset(tmp_path / "other", seed=1, subjects=4)
+    first = other["training"][0]
+    assert first["pose"] != json.loads((root / "dataset.json").read_text())["training"][0]["pose"]
+    brain = first["brain"]
+    assert (tmp_path / "other" / brain).read_bytes() != (root / brain).read_bytes()
+
+
+def test_cli_refuses_spacing_with_raw(tmp_path):
+    code, _, err = run_cli("data", "example", str(tmp_path / "x"), "--raw", "--spacing", "3")
+    assert code == 2 and "--spacing" in err
+    assert not (tmp_path / "x").exists()
