@@ -22,6 +22,7 @@ def isolated_mlflow(tmp_path_factory):
     old = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store}/mlflow.db"
     os.environ["MEDIDIFF_PROGRESS"] = "0"
+    os.environ["MEDIDIFF_CACHE"] = str(tmp_path_factory.mktemp("cache"))  # preprocessed scans
     yield os.environ["MLFLOW_TRACKING_URI"]
     if old is None:
         os.environ.pop("MLFLOW_TRACKING_URI", None)

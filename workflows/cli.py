@@ -50,12 +50,13 @@ def _register() -> None:
         data_cmd,
         demo_cmd,
         enhance_cmd,
+        preprocess_cmd,
         runs_cmd,
         segment_cmd,
         train_cmd,
     )
 
-    for command in (data_cmd.data, train_cmd.train, anomaly_cmd.anomaly, enhance_cmd.denoise,
+    for command in (data_cmd.data, preprocess_cmd.preprocess, train_cmd.train, anomaly_cmd.anomaly, enhance_cmd.denoise,
                     enhance_cmd.super_resolve, segment_cmd.segment, runs_cmd.runs, demo_cmd.demo):
         cli.add_command(command)
 

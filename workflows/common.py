@@ -32,6 +32,11 @@ def sharding_options(func: Callable) -> Callable:
                              "warning) instead of refusing the scan.")(func)
     func = click.option("--device", default="auto", show_default=True,
                         help="cpu, cuda, cuda:N or auto.")(func)
+    return part_options(func)
+
+
+def part_options(func: Callable) -> Callable:
+    """--part-id, --num-parts, --overwrite: split a folder of inputs over processes."""
     func = click.option("--overwrite", is_flag=True,
                         help="Recompute cases whose outputs already exist.")(func)
     func = click.option("--num-parts", type=int, default=1, show_default=True, metavar="N",

@@ -49,7 +49,9 @@ def demo(out_dir, preset, seed, subjects, overrides, device, experiment, trackin
 
     from medidiff.api import AnomalyDetector, evaluate_folder
     from medidiff.config import load_config
+    from medidiff.data.datasets import read_split
     from medidiff.data.example import make_example_dataset
+    from medidiff.data.raw import make_raw_dataset
     from medidiff.io.write import atomic_write_text
     from medidiff.names import ANOMALY_METHODS
 
@@ -65,14 +67,19 @@ def demo(out_dir, preset, seed, subjects, overrides, device, experiment, trackin
     terminate_as_interrupt()
     with tracker.run("demo", tags={"stage": "demo", "preset": preset}):
         tracker.log_params({"preset": preset, "seed": seed, "subjects": subjects})
+        raw = cfg.preprocess.registration != "none"  # a preset that registers gets raw scans
         if not (data_dir / "dataset.json").is_file():
-            echo(f"[1/4] example data -> {data_dir}")
-            make_example_dataset(data_dir, seed=seed, subjects=subjects)
+            kind = "raw scans (skull, head pose, native grids, DICOM)" if raw else "registered"
+            echo(f"[1/4] example data, {kind} -> {data_dir}")
+            if raw:
+                make_raw_dataset(data_dir, seed=seed, subjects=subjects)
+            else:
+                make_example_dataset(data_dir, seed=seed, subjects=subjects)
         echo(f"[2/4] train the normative model ({preset}) -> {model_dir}")
         resume = (model_dir / "checkpoints").exists() and not (model_dir / "model.yaml").exists()
         if not (model_dir / "model.yaml").exists():
             train_and_calibrate(cfg, data_dir, model_dir, resume, tracker, True, nested=True)
-        tests = sorted((data_dir / "test" / "images").glob("*.nii.gz"))
+        tests = [e["image"] for e in read_split(data_dir, "test")]
         results = {}
         for step, method in enumerate(ANOMALY_METHODS):
             echo(f"[3/4] score {len(tests)} test scans: {method} ({step + 1}/{len(ANOMALY_METHODS)})")

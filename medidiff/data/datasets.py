@@ -19,6 +19,8 @@ from medidiff.data.transforms import volume_transforms
 from medidiff.errors import InputError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# the keys of a dataset.json entry that hold paths (others: flags, numbers, descriptions)
+PATH_KEYS = ("image", "label", "mask", "brain")
 
 
 def _is_nifti(path: Path) -> bool:
@@ -63,7 +65,7 @@ def _entries_from_manifest(manifest: Path, split: str) -> list[dict[str, str]]:
         if "image" not in item:
             raise InputError(manifest, f"an entry of '{split}' has no 'image'")
         for key, value in item.items():
-            if isinstance(value, str) and key != "lesion":
+            if key in PATH_KEYS and isinstance(value, str):
                 path = (manifest.parent / value).resolve()
                 if not path.exists():
                     raise InputError(path, f"listed in {manifest.name} but does not exist")
@@ -78,9 +80,10 @@ def fingerprint(entries: list[dict[str, str]]) -> str:
     for entry in entries:
         path = Path(entry["image"])
         digest.update(path.name.encode())
-        digest.update(str(path.stat().st_size).encode())
-        with path.open("rb") as handle:
-            digest.update(handle.read(1 << 20))
+        for item in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
+            digest.update(str(item.stat().st_size).encode())  # a DICOM series: each slice
+            with item.open("rb") as handle:
+                digest.update(handle.read(1 << 20))
     return digest.hexdigest()[:16]
 
 

@@ -36,6 +36,7 @@ from medidiff.io.validate import check_voxels, repair_nonfinite, spatial_ndim, v
 from medidiff.io.write import atomic_write_text
 from medidiff.models.batching import FixedBatch
 from medidiff.models.folder import LoadedModel, load_model
+from medidiff.preprocess import cache
 from medidiff.preprocess.pipeline import Preprocessed, Preprocessor
 from medidiff.report import save_png
 from medidiff.runtime import micro_batch, select_device
@@ -204,20 +205,27 @@ class Predictor:
             fixed, _ = repair_nonfinite(image.as_tensor().numpy())
             data["image"] = MetaTensor(torch.from_numpy(fixed), meta=image.meta,
                                        applied_operations=image.applied_operations)
-        native = None
-        if self.preprocessor is not None:
+        native, inverse = None, Chain(chain)
+        if self.preprocessor is not None:  # a new image: only the steps after it are inverted
             data, native = self._preprocess(data, path)
+            inverse = Chain(steps[split:])
         with reading(path):
             data = Chain(steps[split:])(data)
-        return Prepared(path, Chain(chain), data, repaired, native)
+        return Prepared(path, inverse, data, repaired, native)
 
     def _preprocess(self, data: dict, path: Path | None) -> tuple[dict, Preprocessed]:
         """The model's preprocessing of the loaded scan; a failed registration is refused."""
         image = data["image"]
         meta = image.meta
-        native = self.preprocessor.run(image[0].numpy(), np.asarray(image.affine), path,
-                                       native_shape=meta.get("spatial_shape", image.shape[1:]),
-                                       native_affine=meta.get("original_affine", image.affine))
+        shape = meta.get("spatial_shape", image.shape[1:])
+        affine = meta.get("original_affine", image.affine)
+        if path is not None and not self.repair_nonfinite:  # a file: registered once, cached
+            folder, record = cache.cached(self.cfg.preprocess, {"image": str(path)},
+                                          preprocessor=self.preprocessor)
+            native = Preprocessed.load(folder, shape, affine, record)
+        else:
+            native = self.preprocessor.run(image[0].numpy(), np.asarray(image.affine), path,
+                                           native_shape=shape, native_affine=affine)
         if native.failures:
             raise QualityError(path, native.failures)
         affine = torch.as_tensor(native.affine)

@@ -16,6 +16,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
@@ -55,6 +56,19 @@ class Preprocessed:
         out = resample(to_sitk(array, affine), reference(self.image.shape, self.affine),
                        self.transform, nearest)
         return from_sitk(out)[0]
+
+    @classmethod
+    def load(cls, folder: Path, native_shape, native_affine, qc: dict) -> Preprocessed:
+        """A preprocessed scan from its cache folder (``medidiff.preprocess.cache``); the
+        transform is ITK's plain-text format, parsed, never executed."""
+        image = nib.load(folder / "image.nii.gz")
+        brain = folder / "brain.nii.gz"
+        transform = folder / "transform.tfm"
+        return cls(np.asarray(image.dataobj, np.float32), image.affine.copy(),
+                   tuple(int(s) for s in native_shape), np.asarray(native_affine, np.float64),
+                   sitk.ReadTransform(str(transform)) if transform.is_file() else None,
+                   np.asarray(nib.load(brain).dataobj, np.uint8) if brain.is_file() else None,
+                   dict(qc.get("qc", {})), list(qc.get("failures", [])))
 
     def save_transform(self, path: str | Path) -> Path | None:
         """The forward transform as an ITK text file (``.tfm``), written atomically."""

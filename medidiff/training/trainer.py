@@ -35,6 +35,7 @@ from medidiff.models.checkpoint import load_checkpoint, save_checkpoint
 from medidiff.models.ema import EMA
 from medidiff.models.folder import build_network, save_model_folder
 from medidiff.models.unet import count_parameters
+from medidiff.preprocess.cache import preprocess_entries
 from medidiff.report import loss_curve
 from medidiff.runtime import amp_dtype, select_device
 from medidiff.tracking import Tracker
@@ -98,10 +99,12 @@ class Trainer:
         self.device = select_device(cfg.train.device)
         self.loss = loss or loss_from_config(cfg)
         self.clock: Callable[[], float] = time.monotonic
-        self.entries = read_split(data_dir, "training")
-        if not self.entries:
+        raw = read_split(data_dir, "training")
+        if not raw:
             raise InputError(data_dir, "has no training scans")
-        self.fingerprint = fingerprint(self.entries)
+        self.fingerprint = fingerprint(raw)
+        # the model's preprocessing (registration, skull stripping), cached per scan
+        self.entries = preprocess_entries(cfg.preprocess, raw, label_keys=task.label_keys)
         self.schedule = NoiseSchedule(**cfg.diffusion.model_dump())
         torch.manual_seed(cfg.train.seed)  # the same initial weights, hence EMA, on every rank
         self.net = build_network(cfg, task).to(self.device)

@@ -23,6 +23,7 @@ from medidiff.data.datasets import cached_volumes, read_split
 from medidiff.errors import InputError
 from medidiff.models.folder import LoadedModel, load_model, update_calibration
 from medidiff.names import ANOMALY_METHODS
+from medidiff.preprocess.cache import preprocess_entries
 from medidiff.runtime import select_device
 from medidiff.tasks.anomaly import baselines
 from medidiff.tasks.anomaly.predictor import AnomalyDetector, GridResult
@@ -69,6 +70,7 @@ def _calibrate(model_dir, data_dir, device, methods, progress, overrides) -> dic
     val = read_split(data_dir, "validation")
     if not val:
         raise InputError(data_dir, "has no 'validation' scans (healthy scans to calibrate on)")
+    val = preprocess_entries(cfg.preprocess, val)  # as every scored scan is
     stats = fit_zscore_baseline(model, data_dir) if "zscore" in methods else None
     volumes = [torch.as_tensor(item["image"]).as_subclass(torch.Tensor)
                for item in cached_volumes(cfg.data, [{"image": e["image"]} for e in val])]
@@ -86,7 +88,7 @@ def _calibrate(model_dir, data_dir, device, methods, progress, overrides) -> dic
                 progress(method, i + 1, len(volumes))
         entries.append(calibration_entry(detector, grids, folder))
         if method == "diffusion":
-            ood = ood_ranges(grids)
+            ood = ood_ranges(grids, [e.get("qc", {}) for e in val])
     keys = [e["settings"] for e in entries]
     kept = [e for e in previous.get("entries", []) if e.get("settings") not in keys]
     calibration = {"target_fpr": cfg.anomaly.target_fpr, "scan_fpr": cfg.anomaly.scan_fpr,
@@ -117,7 +119,7 @@ def calibration_entry(detector: AnomalyDetector, grids: list[GridResult], folder
 
 def fit_zscore_baseline(model: LoadedModel, data_dir: str | Path) -> dict[str, np.ndarray]:
     """Voxel-wise mean and std of the preprocessed training scans, saved in the model folder."""
-    train = read_split(data_dir, "training")
+    train = preprocess_entries(model.config.preprocess, read_split(data_dir, "training"))
     volumes = cached_volumes(model.config.data, [{"image": e["image"]} for e in train])
     stats = baselines.fit_zscore([np.asarray(v["image"][0]) for v in volumes])
     baselines.save_stats(stats, model.folder)
@@ -144,11 +146,14 @@ def standardise_healthy(detector: AnomalyDetector, grids: list[GridResult]) -> d
     return baselines.fit_zscore(residuals, smooth=RESIDUAL_SMOOTH)
 
 
-def ood_ranges(grids: list[GridResult]) -> dict[str, list[float]]:
-    """A wide healthy range of each scan statistic (min/max of the scans -+ 4 spreads)."""
+def ood_ranges(grids: list[GridResult], qc: list[dict] | None = None) -> dict[str, list[float]]:
+    """A wide healthy range of each scan statistic and registration quality number (min/max
+    of the healthy scans -+ 4 spreads)."""
+    stats = [{**g.stats, **{f"qc_{k}": v for k, v in (q or {}).items()}}
+             for g, q in zip(grids, qc or [{}] * len(grids), strict=True)]
     ranges = {}
-    for name in grids[0].stats:
-        values = np.array([g.stats[name] for g in grids])
+    for name in stats[0]:
+        values = np.array([s[name] for s in stats])
         spread = max(values.std(ddof=1) if len(values) > 1 else 0.0, 0.1 * abs(values.mean()))
         ranges[name] = [float(values.min() - 4 * spread), float(values.max() + 4 * spread)]
     return ranges

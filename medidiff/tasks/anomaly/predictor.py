@@ -134,6 +134,8 @@ class AnomalyDetector(Predictor):
             return result
         image = np.asarray(volume[0], dtype=np.float32)
         fg = foreground_mask(image, self.cfg.data.foreground_threshold)
+        if self.cfg.preprocess.skull_strip != "none":  # the brain mask, not its smoothed halo
+            fg &= image > 0
         recon = residual = None
         if self.method == "diffusion":
             residual, recon = self.reconstruct(volume, fg, progress)
@@ -217,6 +219,12 @@ class AnomalyDetector(Predictor):
                 low, high = ranges[name]
                 if not low <= value <= high:
                     reasons.append(f"{name} {value:.3g} outside [{low:.3g}, {high:.3g}]")
+        if prep.native is not None:  # registration quality against the healthy scans
+            for name, value in prep.native.qc.items():
+                low, high = ranges.get(f"qc_{name}", (-np.inf, np.inf))
+                if not low <= value <= high:
+                    reasons.append(f"registration {name} {value:.3g} outside the healthy "
+                                   f"[{low:.3g}, {high:.3g}]")
         spacing = np.sqrt((prep.original_affine[:3, :3] ** 2).sum(0))
         want = self.cfg.data.spacing
         if want is not None and np.any(spacing > 2.5 * np.asarray(want)):
