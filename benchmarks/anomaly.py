@@ -169,10 +169,13 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=REPO / "benchmarks" / "work" / "model")
     parser.add_argument("--preset", default="cpu-small")
     parser.add_argument("--train-set", nargs="*", metavar="KEY=VALUE",
-                        default=["train.steps=2000", "train.max_minutes=70"],
+                        default=["train.steps=2000", "train.max_minutes=70",
+                                 "preprocess.registration=none", "preprocess.skull_strip=none",
+                                 "preprocess.bias_correction=none"],
                         help="config overrides for training the model when it is missing "
                              "[default: 2,000 steps, the benchmark's model; the preset's 400 "
-                             "are the demo's]")
+                             "are the demo's; no preprocessing: this data set is registered "
+                             "and skull-stripped already (benchmarks/raw_scans.py: raw scans)]")
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--max-val", type=int, default=None)
     parser.add_argument("--max-test", type=int, default=None)

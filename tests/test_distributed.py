@@ -145,7 +145,8 @@ def test_two_cpu_processes_train_like_one_with_the_same_global_batch(tmp_path, e
     assert run.info.status == "FINISHED" and run.data.tags["resumed"] == "True"
     assert run.data.params["world_size"] == "2"
     assert run.data.params["effective_batch_size"] == "16"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [3, 6, 9, 12]
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [m.step for m in history] == [3, 6, 9, 12]
 
     # One process, batch 16 (the same global batch), the same 6 + resume to 12 steps.
     single = tmp_path / "single"

@@ -1,5 +1,6 @@
-"""The MLflow UI shows a medidiff run: its name, a metric and a logged image, rendered by
-headless Chromium from a real `mlflow server` on loopback.
+"""The MLflow UI shows a medidiff run: its name, a metric and a logged image; its dataset input,
+description and logged model (on a nested train run and on its parent), rendered by headless
+Chromium from a real `mlflow server` on loopback.
 
 The UI is a React app, so pages are read from the DOM Chromium renders, not from the HTML the
 server sends. A run's Overview tab (/#/experiments/ID/runs/RUN) lists its name and metrics with
@@ -87,6 +88,54 @@ def test_run_pages_show_its_name_metric_and_image(mlflow_server, tmp_path):
     screenshot = tmp_path / "mlflow-run-artifact.png"  # kept with the test's tmp dir
     _render(tmp_path, artifact_page, f"--screenshot={screenshot}")
     assert _red_pixels(screenshot) >= 1000, f"the logged image is not visible in {screenshot}"
+
+
+def _dom_showing(tmp_path: Path, url: str, *expected: str) -> str:
+    """The rendered DOM once its text holds every `expected` string (three tries: datasets and
+    logged models arrive by separate requests, which a loaded machine may answer late)."""
+    dom = ""
+    for _ in range(3):
+        dom = _render(tmp_path, url, "--dump-dom").stdout
+        if all(text in _text(dom) for text in expected):
+            break
+    return dom
+
+
+def test_run_pages_show_the_dataset_description_and_logged_model(mlflow_server, tmp_path):
+    """What `medidiff demo` logs: a parent run, a nested train run with its data set and model
+    folder, and the parent linking the same logged model."""
+    url, _, _ = mlflow_server
+    data = tmp_path / "data"
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "model.yaml").write_text("task: anomaly\n")
+    (model_dir / "model_card.md").write_text("# medidiff model: anomaly\n")
+    digest = "0123456789abcdef"  # what medidiff.data.datasets.fingerprint returns: 16 hex
+    tracker = Tracker(experiment="ui-datasets", uri=url)
+    with tracker.run("ui-demo") as parent:
+        with tracker.run("ui-train", nested=True) as train:
+            tracker.log_dataset("data", digest, data, "training")
+            model_id = tracker.log_model_folder(model_dir, name="ui-check-model")
+            tracker.set_description("trained 3 steps in 1 s, final loss 0.5000")
+            train_page = tracker.run_url()
+        tracker.link_model(model_id)
+        parent_page = tracker.run_url()
+    assert model_id and train_page.endswith(train) and parent_page.endswith(parent)
+
+    shown = ("ui-train", f"data ({digest})", "training", "Logged models (1)", "ui-check-model",
+             "trained 3 steps in 1 s, final loss 0.5000")
+    dom = _dom_showing(tmp_path, train_page, *shown)
+    text = _text(dom)
+    missing = [item for item in shown if item not in text]
+    assert not missing, f"{missing} not on {train_page}: {text[:3000]}"
+    assert f"/models/{model_id}" in dom, "the logged model does not link to its page"
+
+    shown = ("ui-demo", "Logged models (1)", "ui-check-model")
+    dom = _dom_showing(tmp_path, parent_page, *shown)
+    text = _text(dom)
+    missing = [item for item in shown if item not in text]
+    assert not missing, f"{missing} not on the parent run's page {parent_page}: {text[:3000]}"
+    assert f"/models/{model_id}" in dom
 
 
 def _red_pixels(png: Path) -> int:

@@ -121,3 +121,19 @@ def test_segment_and_denoise_commands_run_on_a_raw_dicom_case(raw_data, tmp_path
         if task == "segment":
             labels = np.asarray(out.dataobj)
             assert labels.dtype == np.uint8 and labels.max() < cfg.segment.num_classes
+
+
+def test_super_resolution_refuses_a_model_that_registers(tmp_path):
+    from medidiff.api import SuperResolver
+    from medidiff.config import load_config
+    from medidiff.errors import ConfigError
+    from medidiff.models.folder import build_network, save_model_folder
+    from medidiff.tasks.registry import get_task
+    from tests.helpers import REPO
+
+    cfg = load_config(REPO / "configs" / "superres" / "cpu-tiny.yaml",
+                      ["preprocess.registration=rigid"])
+    model = save_model_folder(tmp_path / "sr", cfg,
+                              build_network(cfg, get_task("superres")).state_dict(), {"steps": 0})
+    with pytest.raises(ConfigError, match="super-resolution refines the scan's own grid"):
+        SuperResolver.load(model, device="cpu")

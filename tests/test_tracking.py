@@ -226,6 +226,34 @@ def test_model_folder_is_in_run_artifacts_and_logged_models(tracker, client, mod
     assert [o.model_id for o in outputs] == [model_id]
 
 
+def test_dataset_input_and_description_land_in_the_store(tracker, client, tmp_path):
+    data = tmp_path / "data"
+    with tracker.run("train") as run_id:
+        tracker.log_dataset("data", "0123456789abcdef", data, "training")
+        tracker.set_description("trained 3 steps in 1 s, final loss 0.5")
+    inputs = client.get_run(run_id).inputs.dataset_inputs
+    assert len(inputs) == 1
+    dataset = inputs[0].dataset
+    assert (dataset.name, dataset.digest, dataset.source_type) == (
+        "data", "0123456789abcdef", "local")
+    assert json.loads(dataset.source) == {"uri": str(data)}
+    assert {t.key: t.value for t in inputs[0].tags} == {"mlflow.data.context": "training"}
+    tags = client.get_run(run_id).data.tags
+    assert tags["mlflow.note.content"] == "trained 3 steps in 1 s, final loss 0.5"
+    # a run closed already is described by its id (commands print their summary at the end)
+    assert tracker.last_run_id == run_id
+    tracker.set_description("6 scored, 0 skipped (outputs exist), 0 failed", run_id=run_id)
+    assert client.get_run(run_id).data.tags["mlflow.note.content"].startswith("6 scored")
+
+
+def test_model_is_linked_to_a_parent_run(tracker, client, model_dir):
+    with tracker.run("demo") as parent:
+        with tracker.run("train", nested=True):
+            model_id = tracker.log_model_folder(model_dir)
+        tracker.link_model(model_id)
+    assert [o.model_id for o in client.get_run(parent).outputs.model_outputs] == [model_id]
+
+
 def test_system_metrics_are_logged_with_the_node_id(tracker, client, monkeypatch):
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
     monkeypatch.delenv("MLFLOW_SYSTEM_METRICS_NODE_ID", raising=False)
@@ -246,6 +274,9 @@ def test_disabled_tracker_is_a_noop(tmp_path, model_dir):
         tracker.log_artifacts(model_dir)
         tracker.log_dict({"a": 1}, "a.json")
         tracker.log_text("t", "t.txt")
+        tracker.log_dataset("data", "0" * 16, tmp_path, "training")
+        tracker.set_description("nothing")
+        tracker.link_model("m-123")
         assert tracker.log_model_folder(model_dir) is None
     assert run_id is None and tracker.uri is None and not tracker.degraded
     assert list(tmp_path.iterdir()) == [model_dir]
@@ -281,6 +312,23 @@ def test_lost_server_warns_once_buffers_and_flushes_after_recovery(tracker, clie
         assert not tracker.degraded and tracker.pending_metrics == 0
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == list(range(7))
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_lost_server_while_logging_a_dataset_does_not_break_the_run(tracker, client, caplog,
+                                                                   monkeypatch, tmp_path):
+    with tracker.run("score") as run_id:
+        with monkeypatch.context() as outage, caplog.at_level(logging.WARNING):
+            outage.setattr(MlflowClient, "log_inputs", _server_down)
+            outage.setattr(MlflowClient, "set_tag", _server_down)
+            tracker.log_dataset("inputs", "0123456789abcdef", tmp_path, "scoring")
+            tracker.set_description("1 scored, 0 skipped (outputs exist), 0 failed")
+            assert tracker.degraded
+        assert "failed to log a dataset" in caplog.text
+        tracker.log_metrics({"done": 1.0})
+        assert not tracker.degraded
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["done"] == 1.0
+    assert not run.inputs.dataset_inputs
 
 
 def test_a_refused_request_is_dropped_without_degrading(tracker, client, monkeypatch, caplog):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import click
 from medidiff.workflows.common import (
@@ -10,6 +11,7 @@ from medidiff.workflows.common import (
     make_tracker,
     model_io_options,
     predict_files,
+    preprocess_split,
     progress_bar,
     sharding_options,
     terminate_as_interrupt,
@@ -96,8 +98,12 @@ def run_calibration(model_dir, data_dir, tracker, device: str = "auto", nested: 
                     methods=ANOMALY_METHODS, overrides: dict | None = None) -> dict:
     """Calibrate with one progress bar per stage (method), under one MLflow run."""
     from medidiff.api import calibrate
+    from medidiff.models.folder import read_model_config
 
     terminate_as_interrupt()
+    cfg = read_model_config(model_dir)
+    for split in ("validation", "training") if "zscore" in methods else ("validation",):
+        preprocess_split(cfg, data_dir, split)
     bars: dict = {}
 
     def progress(method: str, done: int, total: int) -> None:
@@ -114,8 +120,11 @@ def run_calibration(model_dir, data_dir, tracker, device: str = "auto", nested: 
     finally:
         for bar in bars.values():
             bar.close()
-    echo(f"calibrated {', '.join(methods)} on {calibration['validation_scans']} healthy "
-         f"validation scans (voxel false-positive rate {calibration['target_fpr']})")
+    summary = (f"calibrated {', '.join(methods)} on {calibration['validation_scans']} healthy "
+               f"validation scans (voxel false-positive rate {calibration['target_fpr']})")
+    echo(summary)
+    if tracker.last_run_id:  # the calibrate run, closed by now
+        tracker.set_description(summary, run_id=tracker.last_run_id)
     return calibration
 
 
@@ -153,13 +162,42 @@ def evaluate_cmd(pred_dir, label_dir, out_json, experiment, tracking_uri, no_tra
     """Pooled voxel AP and AUROC, Dice at the calibrated threshold, best Dice (oracle), and
     per-scan AUROC/AP."""
     from medidiff.io.write import atomic_write_text
-    from medidiff.tasks.anomaly.evaluation import evaluate_folder, format_metrics
+    from medidiff.report import save_png
+    from medidiff.tasks.anomaly.evaluation import (
+        evaluate_folder,
+        format_metrics,
+        method_of,
+        summary_picture,
+    )
 
     tracker = make_tracker(experiment, tracking_uri, no_tracking)
     with tracker.run("evaluate", tags={"stage": "evaluate"}):
         result = evaluate_folder(pred_dir, label_dir)
-        tracker.log_metrics({k: v for k, v in result.items() if isinstance(v, (int, float))})
+        tracker.log_metrics(evaluation_metrics(result))
         tracker.log_dict(result, "metrics.json")
+        tracker.set_description(evaluation_summary(result))
+        method = method_of(pred_dir)
+        summary = summary_picture({method: pred_dir}, label_dir, f"anomaly evaluation: {method}")
+        save_png(summary, os.path.join(pred_dir, "summary.png"))
+        tracker.log_image(summary, key="summary")
     click.echo(format_metrics(result))
     if out_json:
         atomic_write_text(out_json, json.dumps(result, indent=2) + "\n")
+
+
+def evaluation_metrics(result: dict) -> dict:
+    """The numbers of an evaluation as MLflow metrics: `eval/pooled_ap`, `eval/scan_auroc`, ...
+    (one prefix, so the runs table lists and sorts them together; metrics.json keeps the
+    plain keys)."""
+    return {f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))}
+
+
+def evaluation_summary(result: dict) -> str:
+    """One line for the run's description: pooled AP and scan AUROC."""
+
+    def number(key: str) -> str:
+        value = result.get(key)
+        return f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"
+
+    return (f"pooled AP {number('pooled_ap')}, scan AUROC {number('scan_auroc')} "
+            f"on {result.get('n_cases', '?')} scans")

@@ -88,6 +88,9 @@ def predict_files(predictor, inputs, out_dir, part_id: int, num_parts: int, over
                                            part_id=part_id, num_parts=num_parts,
                                            tracker=tracker, on_case=on_case, progress=progress,
                                            run_name=run_name, nested=nested, params=params)
+    if tracker is not None:  # the summary line is the run's description in the MLflow UI
+        tracker.set_description(outcome_summary(outcomes, predictor.verb),
+                                run_id=tracker.last_run_id)
     report_outcomes(outcomes, predictor.verb, exit_on_failure)
     return outcomes
 
@@ -143,11 +146,30 @@ def resolve_out(path: str) -> Path:
     return out
 
 
-def report_outcomes(outcomes, verb: str = "scored", exit_on_failure: bool = True) -> None:
-    """One summary line (failures were printed as they happened); exit status 2 if any failed."""
+def outcome_summary(outcomes, verb: str = "scored") -> str:
+    """The line a command ends with, such as "6 scored, 0 skipped (outputs exist), 0 failed"."""
     done = sum(o.status == "done" for o in outcomes)
     skipped = sum(o.status == "skipped" for o in outcomes)
     failed = sum(o.status == "failed" for o in outcomes)
-    echo(f"{done} {verb}, {skipped} skipped (outputs exist), {failed} failed")
-    if failed and exit_on_failure:
+    return f"{done} {verb}, {skipped} skipped (outputs exist), {failed} failed"
+
+
+def report_outcomes(outcomes, verb: str = "scored", exit_on_failure: bool = True) -> None:
+    """One summary line (failures were printed as they happened); exit status 2 if any failed."""
+    echo(outcome_summary(outcomes, verb))
+    if any(o.status == "failed" for o in outcomes) and exit_on_failure:
         raise SystemExit(2)
+
+
+def preprocess_split(cfg, data_dir, split: str, label_keys=()) -> None:
+    """Fill the preprocessing cache for a split, with a progress bar (training and calibration
+    then read it without registering again)."""
+    if not cfg.preprocess.enabled:
+        return
+    from medidiff.data.datasets import read_split
+    from medidiff.preprocess.cache import preprocess_entries
+
+    entries = read_split(data_dir, split)
+    with progress_bar(len(entries), f"preprocess {split}", unit="scan") as bar:
+        preprocess_entries(cfg.preprocess, entries, label_keys,
+                           progress=lambda done, total: bar.update(done - bar.n))

@@ -44,7 +44,11 @@ def preset_path(task: str, preset: str) -> Path:
 def demo(out_dir, preset, seed, subjects, overrides, device, experiment, tracking_uri,
          no_tracking) -> None:
     """Example data -> normative model -> calibration -> scoring -> evaluation vs baselines."""
-    from medidiff.workflows.anomaly_cmd import use_closest_calibration
+    from medidiff.workflows.anomaly_cmd import (
+        evaluation_metrics,
+        evaluation_summary,
+        use_closest_calibration,
+    )
     from medidiff.workflows.train_cmd import train_and_calibrate
 
     from medidiff.api import AnomalyDetector, evaluate_folder
@@ -54,6 +58,8 @@ def demo(out_dir, preset, seed, subjects, overrides, device, experiment, trackin
     from medidiff.data.raw import make_raw_dataset
     from medidiff.io.write import atomic_write_text
     from medidiff.names import ANOMALY_METHODS
+    from medidiff.report import save_png
+    from medidiff.tasks.anomaly.evaluation import summary_picture
 
     started = time.monotonic()
     out = Path(out_dir)
@@ -78,7 +84,11 @@ def demo(out_dir, preset, seed, subjects, overrides, device, experiment, trackin
         echo(f"[2/4] train the normative model ({preset}) -> {model_dir}")
         resume = (model_dir / "checkpoints").exists() and not (model_dir / "model.yaml").exists()
         if not (model_dir / "model.yaml").exists():
-            train_and_calibrate(cfg, data_dir, model_dir, resume, tracker, True, nested=True)
+            trained = train_and_calibrate(cfg, data_dir, model_dir, resume, tracker, True,
+                                          nested=True)
+            tracker.link_model(trained.model_id)  # the train run's model, on this run's page
+        else:  # trained by an earlier demo: logged from this run
+            tracker.log_model_folder(model_dir)
         tests = [e["image"] for e in read_split(data_dir, "test")]
         results = {}
         for step, method in enumerate(ANOMALY_METHODS):
@@ -91,12 +101,19 @@ def demo(out_dir, preset, seed, subjects, overrides, device, experiment, trackin
             with tracker.run(f"evaluate-{method}", nested=True, tags={"stage": "evaluate"}):
                 metrics = evaluate_folder(pred, data_dir / "test" / "masks")
                 metrics["nfe_per_slice"] = detector.describe()["nfe_per_slice"]
-                tracker.log_metrics({k: v for k, v in metrics.items()
-                                     if isinstance(v, (int, float))})
+                tracker.log_metrics(evaluation_metrics(metrics))
+                tracker.set_description(evaluation_summary(metrics))
             results[method] = metrics
         atomic_write_text(out / "metrics.json", json.dumps(results, indent=2) + "\n")
         tracker.log_dict(results, "metrics.json")
-        tracker.log_metrics({f"{m}_pooled_ap": r["pooled_ap"] for m, r in results.items()})
+        summary = summary_picture({m: out / "scores" / m for m in results},
+                                  data_dir / "test" / "masks", "the demo's test scans: "
+                                  "diffusion model against the baselines")
+        save_png(summary, out / "summary.png")
+        tracker.log_image(summary, key="summary")
+        tracker.log_metrics({f"eval/{m}_pooled_ap": r["pooled_ap"] for m, r in results.items()})
+        tracker.set_description("pooled AP on the test scans: " + ", ".join(
+            f"{m} {r['pooled_ap']:.4f}" for m, r in results.items()))
     echo("[4/4] results on the test scans (pooled over voxels; best Dice is an oracle):")
     click.echo(results_table(results))
     echo(f"done in {(time.monotonic() - started) / 60:.1f} min; outputs in {out}/")

@@ -6,6 +6,7 @@ import click
 from medidiff.workflows.common import (
     echo,
     make_tracker,
+    preprocess_split,
     progress_bar,
     terminate_as_interrupt,
     tracking_options,
@@ -48,6 +49,8 @@ def train_and_calibrate(cfg, data_dir, out_dir, resume, tracker, calibrate, dist
     from medidiff.training.trainer import run_training
 
     rank = dist.rank if dist else 0
+    if rank == 0:
+        preprocess_split(cfg, data_dir, "training", get_task(cfg.task).label_keys)
     bar = progress_bar(cfg.train.steps, "train", unit="step") if rank == 0 else None
 
     def progress(info: dict) -> None:
@@ -71,11 +74,15 @@ def train_and_calibrate(cfg, data_dir, out_dir, resume, tracker, calibrate, dist
         bar.close()
     if rank != 0:
         return result
-    echo(f"trained {result.steps} steps in {result.seconds:.0f} s "
-         f"({result.images_per_second:.1f} images/s), final loss {result.final_loss:.4f}")
+    summary = (f"trained {result.steps} steps in {result.seconds:.0f} s "
+               f"({result.images_per_second:.1f} images/s), final loss {result.final_loss:.4f}")
+    echo(summary)
+    if result.run_id:  # the run is closed by now: described by its id
+        tracker.set_description(summary, run_id=result.run_id)
     if cfg.task == "anomaly" and calibrate:
         from medidiff.workflows.anomaly_cmd import run_calibration
 
         run_calibration(out_dir, data_dir, tracker, device=cfg.train.device, nested=True)
     echo(f"model folder: {out_dir}")
     return result
+

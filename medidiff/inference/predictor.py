@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from monai.data import MetaTensor
 from monai.transforms import EnsureChannelFirstd, EnsureTyped, LoadImaged, Orientationd
 from pydantic import BaseModel, ValidationError
 
+from medidiff.data.datasets import fingerprint
 from medidiff.data.transforms import Chain, image_transforms, invert_to_input, volume_transforms
 from medidiff.errors import ConfigError, InputError, QualityError
 from medidiff.inference.cases import CaseOutcome, inputs_of_part, merge_rows, run_cases
@@ -246,7 +248,8 @@ class Predictor:
     def write(self, result, out_dir: Path, case: str) -> list[Path]:
         raise NotImplementedError
 
-    def figure(self, result) -> np.ndarray | None:
+    def figure(self, result, case: str) -> np.ndarray | None:
+        """The case's picture (RGB uint8), written as ``CASE.png`` and logged; None: none."""
         return None
 
     def case_outputs(self, case: str) -> list[str]:
@@ -292,6 +295,7 @@ class Predictor:
               if tracker else contextlib.nullcontext()):
             if tracker:
                 tracker.log_params({**settings, "inputs": len(paths)})
+                log_inputs_dataset(tracker, paths)
 
             def process(path: Path, case: str) -> dict:
                 try:
@@ -304,7 +308,7 @@ class Predictor:
                 self.write(result, out_dir, case)
                 if prep.native is not None:
                     prep.native.save_transform(out_dir / f"{case}_transform.tfm")
-                figure = self.figure(result)
+                figure = self.figure(result, case)
                 if figure is not None:
                     save_png(figure, out_dir / f"{case}.png")
                     if tracker:
@@ -344,6 +348,19 @@ class Predictor:
         tracker.log_metrics(summary)
         if (out_dir / self.table).is_file():
             tracker.log_artifact(out_dir / self.table)
+
+
+def log_inputs_dataset(tracker, paths: Sequence[Path]) -> None:
+    """The scored inputs as the run's "inputs" dataset: the fingerprint of their files and
+    their common folder (paths only, nothing read from the scans' headers)."""
+    if not paths:
+        return
+    try:
+        digest = fingerprint([{"image": str(p)} for p in paths])
+        folder = os.path.commonpath([str(Path(p).resolve().parent) for p in paths])
+    except (OSError, ValueError):  # an unreadable input fails as its own case, not the run
+        return
+    tracker.log_dataset("inputs", digest, folder, "scoring")
 
 
 def _number(value) -> float | None:

@@ -63,7 +63,7 @@ def preprocess_files(cfg: Config, inputs: Sequence[str | Path], out_dir: str | P
         image = np.asarray(nib.load(folder / cache.IMAGE).dataobj)
         brain = (np.asarray(nib.load(folder / cache.BRAIN).dataobj)
                  if (folder / cache.BRAIN).is_file() else np.ones(image.shape, np.uint8))
-        figure = qc_figure(image, brain)
+        figure = qc_figure(image, brain, case)
         save_png(figure, out_dir / f"{case}_qc.png")
         if tracker:
             tracker.log_image(figure, key=f"qc/{case}")

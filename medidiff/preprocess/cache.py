@@ -29,7 +29,7 @@ from medidiff.preprocess.pipeline import Preprocessed, Preprocessor
 
 log = logging.getLogger("medidiff")
 
-VERSION = "1"  # bump when the preprocessing's output changes for the same settings
+VERSION = "2"  # bump when the preprocessing's output changes for the same settings
 IMAGE, BRAIN, TRANSFORM, QC = "image.nii.gz", "brain.nii.gz", "transform.tfm", "qc.json"
 # (Preprocessed.load reads the same names)
 

@@ -42,6 +42,10 @@ log = logging.getLogger("medidiff.tracking")  # the package's logger, as before 
 DEFAULT_EXPERIMENT = "medidiff"
 DEVICE_TAG = "medidiff.device"
 PARENT_RUN_TAG = "mlflow.parentRunId"  # the tag the MLflow UI reads to draw nested runs
+DESCRIPTION_TAG = "mlflow.note.content"  # the run's description in the UI
+DATASET_CONTEXT_TAG = "mlflow.data.context"  # a dataset input's context: training, scoring...
+DATASET_NAME_LIMIT = 500  # MLflow's limits on a dataset's name and digest
+DIGEST_LIMIT = 36
 PARAM_VALUE_LIMIT = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 KEY_LIMIT = 250
 PARAMS_PER_BATCH = 100  # MLflow's log_batch limits
@@ -194,6 +198,7 @@ class Tracker:
         self._warned = False
         self._flushing = False
         self._last_attempt = 0.0
+        self.last_run_id: str | None = None  # the run closed last, to describe it afterwards
 
     @property
     def degraded(self) -> bool:
@@ -250,6 +255,7 @@ class Tracker:
             raise
         finally:
             self._stack.pop()
+            self.last_run_id = active.run_id
             self._close(active, status)
 
     def _open(self, name: str, nested: bool, tags: dict[str, Any], run_id: str | None) -> _Run:
@@ -455,6 +461,41 @@ class Tracker:
             self._send("set tags", self._client.log_batch, active.run_id, tags=chunk,
                        synchronous=True)
 
+    def set_description(self, text: str, run_id: str | None = None) -> None:
+        """The run's description (the UI's "Description" box and the runs table's column).
+
+        It goes on the active run, or on `run_id` (say `last_run_id`), which may be closed.
+        """
+        if not self.enabled:
+            return
+        if run_id is None:
+            run_id = self._current().run_id
+        if self._client is None:  # no run was ever opened by this tracker
+            return
+        self._send("set the description", self._client.set_tag, run_id, DESCRIPTION_TAG,
+                   str(text)[:PARAM_VALUE_LIMIT])
+
+    def log_dataset(self, name: str, digest: str, source: str | Path, context: str) -> None:
+        """Record a data set as an input of the active run: the runs table's Dataset column.
+
+        `digest` is the data's fingerprint (`medidiff.data.datasets.fingerprint`), `source` the
+        data folder (recorded as an absolute path; never anything read from the scans, so no
+        patient identifiers) and `context` what the run does with it: "training",
+        "calibration", "scoring".
+        """
+        active = self._current()
+        if active is None:
+            return
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        where = str(source)
+        if "://" not in where:
+            where = str(Path(where).absolute())
+        dataset = Dataset(name=str(name)[:DATASET_NAME_LIMIT], digest=str(digest)[:DIGEST_LIMIT],
+                          source_type="local", source=json.dumps({"uri": where}))
+        item = DatasetInput(dataset, tags=[InputTag(DATASET_CONTEXT_TAG, str(context))])
+        self._send("log a dataset", self._client.log_inputs, active.run_id, datasets=[item])
+
     def log_image(self, image: Any, key: str, step: int | None = None) -> None:
         """Log a 2D image (float in [0, 1], uint8, or HxWx3) in the UI's image grid under `key`."""
         active = self._current()
@@ -523,6 +564,17 @@ class Tracker:
             log.warning("the model is in the run's artifacts but not on MLflow's Logged Models "
                         "page: %s", _first_line(exc))
             return None
+
+    def link_model(self, model_id: str | None, step: int = 0) -> None:
+        """List a LoggedModel (logged from another run, say a nested train run) among the active
+        run's Logged models too."""
+        active = self._current()
+        if active is None or not model_id:
+            return
+        from mlflow.entities import LoggedModelOutput
+
+        self._send("link the model", self._client.log_outputs, active.run_id,
+                   [LoggedModelOutput(model_id, step=step)])
 
     def _logged_model(self, active: _Run, files: list[Path], name: str, tags: dict) -> str | None:
         client = self._client

@@ -57,6 +57,7 @@ class TrainResult:
     images_per_second: float
     run_id: str | None = None
     losses: list[float] = field(default_factory=list)
+    model_id: str | None = None  # the MLflow LoggedModel of the model folder, when tracked
 
 
 def draw_batch(dataset, batch_size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -268,7 +269,8 @@ class Trainer:
         metrics = {"loss": mean, "images_per_second": images_per_second, "lr": lr}
         if self.device.type == "cuda":
             metrics["gpu_peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        self.tracker.log_metrics(metrics, step=self.step)
+        # train/...: the runs table groups and sorts them under one "train" prefix
+        self.tracker.log_metrics({f"train/{k}": v for k, v in metrics.items()}, step=self.step)
         if self.progress:
             self.progress({"step": self.step, "total": self.cfg.train.steps, **metrics})
 
@@ -370,6 +372,8 @@ def run_training(cfg: Config, data_dir: str | Path, out_dir: str | Path, *, task
         trainer.run_id = run_id
         if run_id and rank == 0:
             record_run(out_dir, tracker, run_id)
+            data = Path(data_dir).resolve()
+            tracker.log_dataset(data.name or "training", trainer.fingerprint, data, "training")
         if not resumed:
             tracker.log_params({**cfg.to_dict(), "effective_batch_size":
                                 cfg.train.batch_size * world_size, "world_size": world_size,
@@ -389,5 +393,5 @@ def run_training(cfg: Config, data_dir: str | Path, out_dir: str | Path, *, task
         tracker.log_metrics({"final_loss": result.final_loss,
                              "train_images_per_second": result.images_per_second,
                              "train_seconds": result.seconds}, step=result.steps)
-        tracker.log_model_folder(out_dir)
+        result.model_id = tracker.log_model_folder(out_dir)
     return result

@@ -19,7 +19,7 @@ import torch
 from scipy.stats import norm
 
 from medidiff import metrics
-from medidiff.data.datasets import cached_volumes, read_split
+from medidiff.data.datasets import cached_volumes, fingerprint, read_split
 from medidiff.errors import InputError
 from medidiff.models.folder import LoadedModel, load_model, update_calibration
 from medidiff.names import ANOMALY_METHODS
@@ -50,6 +50,9 @@ def calibrate(model_dir: str | Path, data_dir: str | Path, device: str = "auto",
     if tracker is None:
         return _calibrate(model_dir, data_dir, device, methods, progress, overrides)
     with tracker.run("calibrate", nested=nested, tags={"stage": "calibrate"}):
+        data = Path(data_dir).resolve()  # the validation scans as listed, before preprocessing
+        tracker.log_dataset(data.name or "validation",
+                            fingerprint(read_split(data, "validation")), data, "calibration")
         calibration = _calibrate(model_dir, data_dir, device, methods, progress, overrides)
         for entry in calibration["entries"][:len(methods)]:
             method = entry["settings"]["method"]

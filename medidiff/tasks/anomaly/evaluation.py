@@ -80,6 +80,56 @@ def evaluate_folder(pred_dir: str | Path, label_dir: str | Path) -> dict:
     return result
 
 
+def summary_entry(pred_dir: str | Path, label_dir: str | Path,
+                  cases: list[dict] | None = None, max_voxels: int = 200_000) -> dict:
+    """What the summary picture shows of one method's folder: its pooled voxels (those of the
+    pooled AP, subsampled evenly to ``max_voxels`` after sorting by score), its pooled AP, its
+    scans' scores with whether each holds a lesion, and the calibrated per-scan threshold
+    recorded in ``score_settings.json`` (None when absent)."""
+    pred_dir = Path(pred_dir)
+    cases = load_cases(pred_dir, label_dir) if cases is None else cases
+    scores = np.concatenate([c["map"][c["mask"]] for c in cases])
+    truth = np.concatenate([c["label"][c["mask"]] for c in cases])
+    ap = metrics.pooled_average_precision([c["map"] for c in cases], [c["label"] for c in cases],
+                                          [c["mask"] for c in cases])
+    if scores.size > max_voxels:  # the curve's shape survives an even subsample of the ranking
+        order = np.argsort(scores, kind="stable")
+        keep = order[np.linspace(0, order.size - 1, max_voxels).round().astype(int)]
+        scores, truth = scores[keep], truth[keep]
+    threshold = None
+    settings = pred_dir / "score_settings.json"
+    if settings.is_file():
+        import json
+
+        try:
+            threshold = json.loads(settings.read_text()).get("scan_threshold")
+        except (OSError, ValueError):
+            threshold = None
+    return {"scores": scores, "labels": truth, "ap": ap,
+            "scans": [(c["case"], float(c["score"]), bool((c["label"] & c["mask"]).any()))
+                      for c in cases],
+            "scan_threshold": float(threshold) if threshold is not None else None}
+
+
+def summary_picture(folders: dict[str, str | Path], label_dir: str | Path,
+                    title: str = "anomaly detection on the test scans") -> np.ndarray:
+    """The summary figure (RGB uint8) of one or more methods' prediction folders
+    (method -> folder): their precision-recall curves on one plot, their per-scan scores."""
+    from medidiff.tasks.anomaly.figures import summary_figure
+
+    return summary_figure({m: summary_entry(f, label_dir) for m, f in folders.items()}, title)
+
+
+def method_of(pred_dir: str | Path) -> str:
+    """The method a folder was scored with (``score_settings.json``), else the folder's name."""
+    import json
+
+    try:
+        return str(json.loads((Path(pred_dir) / "score_settings.json").read_text())["method"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return Path(pred_dir).name
+
+
 def format_metrics(result: dict) -> str:
     keys = ["pooled_ap", "pooled_auroc", "dice_at_calibrated_threshold", "best_dice_oracle",
             "scan_auroc", "scan_ap", "n_cases", "n_anomalous_cases"]

@@ -87,8 +87,11 @@ class AnomalyDetector(Predictor):
         self._residual_stats: dict[str, np.ndarray] | None = None  # None: from the calibration
 
     def describe(self) -> dict:
+        entry = self.entry or {}
         return {**super().describe(), **describe(self.settings, self.method),
-                "calibrated": self.entry is not None}
+                "calibrated": self.entry is not None,
+                "voxel_threshold": entry.get("voxel_threshold"),
+                "scan_threshold": entry.get("scan_threshold")}
 
     # -- calibration lookup -----------------------------------------------------------------
     def calibration_key(self) -> dict:
@@ -243,8 +246,13 @@ class AnomalyDetector(Predictor):
                 save_nifti(result.mask.astype(np.uint8), result.affine,
                            out_dir / f"{case}_anomaly_mask.nii.gz")]
 
-    def figure(self, result: AnomalyResult) -> np.ndarray:
-        return anomaly_figure(result.grid, threshold=result.threshold)
+    def figure(self, result: AnomalyResult, case: str) -> np.ndarray:
+        return anomaly_figure(result.grid, threshold=result.threshold,
+                              axis=self.cfg.data.slice_axis, case=case, score=result.score,
+                              flagged=result.flagged,
+                              scan_threshold=(self.entry or {}).get("scan_threshold"),
+                              method=self.method, ood=result.ood_reasons,
+                              spacing=self.cfg.data.spacing)
 
     def row(self, result: AnomalyResult, case: str) -> dict:
         return {"case": case, "score": f"{result.score:.6g}", "flagged": int(result.flagged),

@@ -34,7 +34,7 @@ from medidiff.data import degrade
 from medidiff.data.transforms import Chain, CheckResampledSized, foreground_mask
 from medidiff.diffusion.samplers import nfe
 from medidiff.diffusion.schedule import NoiseSchedule
-from medidiff.errors import InputError, ModelFolderError
+from medidiff.errors import ConfigError, InputError, ModelFolderError
 from medidiff.inference.grid import GridRunner
 from medidiff.inference.predictor import Predictor, Prepared
 from medidiff.io.validate import check_resampled_size
@@ -151,8 +151,11 @@ class _Enhancer(Predictor):
                                       out_dir / f"{case}_{self.suffix}_std.nii.gz"))
         return written
 
-    def figure(self, result: EnhanceResult) -> np.ndarray:
-        return enhance_figure(result, self.cfg.data.slice_axis)
+    def figure(self, result: EnhanceResult, case: str) -> np.ndarray:
+        # the super-resolved grid is finer than the model's spacing: positions as indices only
+        spacing = self.cfg.data.spacing if self.stage == "denoise" else None
+        return enhance_figure(result, self.cfg.data.slice_axis, case=case, task=self.stage,
+                              spacing=spacing)
 
     def row(self, result: EnhanceResult, case: str) -> dict:
         return {"case": case, "seconds": round(time.perf_counter() - self.started, 2),
@@ -243,6 +246,9 @@ class SuperResolver(_Enhancer):
     def __init__(self, model: LoadedModel, settings, device: torch.device, *,
                  scale: int | None = None, repair_nonfinite: bool = False):
         super().__init__(model, settings, device, repair_nonfinite=repair_nonfinite)
+        if self.cfg.preprocess.registration != "none":
+            raise ConfigError("preprocess.registration: super-resolution refines the scan's own "
+                              "grid, so its model must not register (bias correction is fine)")
         if scale is not None and scale < 2:
             raise InputError(None, f"scale must be an integer of at least 2, got {scale}")
         self.scale = scale

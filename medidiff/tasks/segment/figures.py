@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
-from medidiff.report import display, montage, overlay, to_uint8
+from medidiff.report import (
+    PALETTE,
+    REFERENCE,
+    ColourBar,
+    Panel,
+    display,
+    panel_figure,
+    pick_spread,
+    plain,
+    slice_label,
+    to_uint8,
+)
 
-# a distinct colour per class (background transparent), repeated beyond eight classes
-PALETTE = np.array([(0, 0, 0), (60, 140, 255), (80, 220, 80), (255, 210, 60), (230, 60, 60),
-                    (200, 90, 255), (60, 230, 230), (255, 140, 40)], dtype=np.float32)
+__all__ = ["PALETTE", "label_overlay", "segment_figure"]
 
 
 def label_overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> np.ndarray:
@@ -20,18 +31,42 @@ def label_overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.45) ->
     return (grey * (1 - weight) + colour * weight).round().astype(np.uint8)
 
 
-def segment_figure(grid, axis: int = 2, count: int = 3) -> np.ndarray:
-    """Rows of slices through the segmented region: input | labels | uncertainty."""
-    inside = np.nonzero(np.moveaxis(grid.labels, axis, 0).reshape(grid.labels.shape[axis], -1)
-                        .any(axis=1))[0]
-    low, high = (inside.min(), inside.max()) if inside.size else (0, grid.labels.shape[axis] - 1)
-    picks = np.linspace(low, high, count + 2)[1:-1].round().astype(int)
-    inside_labels = grid.uncertainty[grid.labels > 0]
+def segment_figure(grid, axis: int = 2, count: int = 3, *, case: str | None = None,
+                   mean_uncertainty: float | None = None, spacing: Sequence[float] | None = None,
+                   reference: np.ndarray | None = None) -> np.ndarray:
+    """Rows of slices spread over the segmented region: input | labels (reference labels
+    outlined, when given on the grid) | uncertainty over the input (colour bar: normalised
+    entropy). RGB uint8."""
+    from medidiff.tasks.anomaly.figures import _aspect
+
+    labels_v = np.asarray(grid.labels)
+    present = labels_v > 0
+    if reference is not None:
+        present = present | (reference > 0)
+    inside_labels = grid.uncertainty[labels_v > 0]
     vmax = float(max(np.percentile(inside_labels, 99) if inside_labels.size else 0.0, 1e-6))
-    rows = []
-    for index in picks:
-        image = np.take(grid.image, index, axis=axis)
-        rows.append([display(image),
-                     display(label_overlay(image, np.take(grid.labels, index, axis=axis))),
-                     display(overlay(image, np.take(grid.uncertainty, index, axis=axis), vmax))])
-    return montage(rows)
+    mean = float(np.mean(grid.uncertainty)) if mean_uncertainty is None else mean_uncertainty
+    rows, row_labels = [], []
+    for index in pick_spread(present, axis, count):
+        image = display(np.take(grid.image, index, axis=axis))
+        labels = display(np.take(labels_v, index, axis=axis))
+        outlines = []
+        if reference is not None:
+            outlines.append((display(np.take(reference, index, axis=axis)) > 0, REFERENCE))
+        rows.append([Panel(image), Panel(image, labels=labels, outlines=outlines),
+                     Panel(image, heat=display(np.take(grid.uncertainty, index, axis=axis)))])
+        row_labels.append(slice_label(axis, index, labels_v.shape[axis], spacing))
+    classes = [int(c) for c in np.unique(labels_v) if c > 0]
+    title = (f"{case or 'scan'}: segmentation\nmean uncertainty {plain(mean)} · "
+             f"classes found: {', '.join(map(str, classes)) or 'none'}")
+    legend = [(f"class {c}", _hex(c)) for c in classes[:7]]
+    if reference is not None:
+        legend.append(("reference labels", REFERENCE))
+    return panel_figure(rows, title, ["input", "labels", "uncertainty"], row_labels,
+                        ColourBar("uncertainty (normalised entropy)", vmax), legend,
+                        _aspect(axis, spacing))
+
+
+def _hex(label: int) -> str:
+    r, g, b = PALETTE[(label - 1) % (len(PALETTE) - 1) + 1].astype(int)
+    return f"#{r:02x}{g:02x}{b:02x}"

@@ -171,8 +171,14 @@ class Segmenter(Predictor):
             written.append(atomic_write_bytes(out_dir / f"{case}_seg_prob.nii.gz", raw))
         return written
 
-    def figure(self, result: SegmentResult) -> np.ndarray:
-        return segment_figure(result.grid)
+    def figure(self, result: SegmentResult, case: str) -> np.ndarray:
+        grid = result.grid
+        reference = result.reference  # outlined when it lies on the model grid
+        if reference is not None and np.shape(reference) != np.shape(grid.labels):
+            reference = None
+        return segment_figure(grid, self.cfg.data.slice_axis, case=case,
+                              mean_uncertainty=float(result.uncertainty.mean()),
+                              spacing=self.cfg.data.spacing, reference=reference)
 
     def row(self, result: SegmentResult, case: str) -> dict:
         """Class volumes (ml) and mean uncertainty; Dice, HD95, AUROC against a reference."""
