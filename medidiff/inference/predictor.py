@@ -356,7 +356,8 @@ def log_inputs_dataset(tracker, paths: Sequence[Path]) -> None:
     if not paths:
         return
     try:
-        digest = fingerprint([{"image": str(p)} for p in paths])
+        regular = [p for p in paths if Path(p).is_file() or Path(p).is_dir()]  # never a FIFO
+        digest = fingerprint([{"image": str(p)} for p in regular])
         folder = os.path.commonpath([str(Path(p).resolve().parent) for p in paths])
     except (OSError, ValueError):  # an unreadable input fails as its own case, not the run
         return
