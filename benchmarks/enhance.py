@@ -1,10 +1,13 @@
-"""Enhancement benchmark: diffusion denoising and super-resolution against classical baselines.
+"""Enhancement benchmark: diffusion denoising and super-resolution against fair baselines.
 
 Denoising (5% and 10% Rician noise, sigma as a fraction of the clean scan's 99th-percentile head
 intensity): the conditional denoiser (and, with --anomaly-model, zero-shot SDEdit with a
-normative model) against scikit-image's non-local means (3D, sigma estimated) and total
-variation. Super-resolution (x2 and x4 in-plane averaging): the SR3-style model against bicubic
-and cubic B-spline interpolation on the same grid. PSNR and SSIM inside the head (the clean
+normative model) against scikit-image's non-local means (3D, sigma estimated), total
+variation, BM4D (when the optional ``bm4d`` package is installed: ``pip install
+medidiff[bm4d]``, free for non-commercial use only) and the same network trained by L1
+regression on the same pairs (``benchmarks/_regression.py``). Super-resolution (x2 and x4
+in-plane averaging): the SR3-style model against bicubic and cubic B-spline interpolation on the
+same grid and against its regression counterpart. PSNR and SSIM inside the head (the clean
 scan's non-zero voxels), data range = the clean scan's 99th-percentile head intensity, on the
 clean scan's own grid; wall time per scan; network evaluations (NFE) per slice.
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -30,6 +34,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+import yaml
 from scipy import ndimage
 from skimage.restoration import denoise_nl_means, denoise_tv_chambolle
 
@@ -37,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks._common import machine, write_section  # noqa: E402
+from benchmarks._regression import as_regression, train_regression  # noqa: E402
 from medidiff import metrics  # noqa: E402
 from medidiff.api import Denoiser, SuperResolver  # noqa: E402
 from medidiff.data import degrade  # noqa: E402
@@ -49,20 +55,55 @@ SCALES = {"lowres2": 2, "lowres4": 4}
 # (benchmarks/enhance.py --split validation; never on the test scans): NLM h = 0.4 sigma and TV
 # weight = 0.5 sigma were within 0.15 dB of the best of a sweep at both noise levels.
 NLM_H, TV_WEIGHT = 0.4, 0.5
+# BM4D's parameter is the noise standard deviation itself (not a smoothing weight), so it gets
+# the estimate as it is; its low-complexity profile keeps the benchmark in reach on 2 CPU cores.
+BM4D_SIGMA = 1.0
+REGRESSION = "regression (L1, same pairs)"
+
+
+def bm4d_denoiser():
+    """``(unit volume, sigma) -> volume`` with BM4D (Maggioni et al. 2013; Makinen et al. 2020)
+    when the optional ``bm4d`` package is installed, else None. Its licence allows
+    non-commercial use only, so it is an extra, never a dependency."""
+    try:
+        import bm4d
+        from bm4d.profiles import BM4DProfileLC
+    except ImportError:
+        return None
+    profile = BM4DProfileLC()
+    profile.num_threads = torch.get_num_threads()
+
+    def run(unit: np.ndarray, sigma: float) -> np.ndarray:
+        return np.asarray(bm4d.bm4d(unit, BM4D_SIGMA * sigma, profile=profile), np.float32)
+
+    return run
 
 
 def run(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "medidiff", *args], check=True)
 
 
-def ensure(data: Path, models: dict[str, Path], preset: str) -> None:
-    """Build the example data and train missing cpu-small models (resuming a partial one)."""
+def ensure(data: Path, models: dict[str, Path], preset: str, regression: bool = True) -> None:
+    """Build the example data and train missing cpu-small models (resuming a partial one), and
+    each one's regression counterpart with its budget (its steps, the config's time limit)."""
     if not (data / "dataset.json").is_file():
         run("data", "example", str(data))
     for task, folder in models.items():
-        if folder is not None and not (folder / "model.yaml").is_file():
-            run("train", str(REPO / "configs" / task / f"{preset}.yaml"), "--data", str(data),
-                "--out", str(folder), "--no-tracking", *(["--resume"] if folder.exists() else []))
+        if folder is None:
+            continue
+        config = REPO / "configs" / task / f"{preset}.yaml"
+        if not (folder / "model.yaml").is_file():
+            run("train", str(config), "--data", str(data), "--out", str(folder), "--no-tracking",
+                *(["--resume"] if folder.exists() else []))
+        target = regression_folder(folder)
+        if regression and not (target / "model.yaml").is_file():
+            spec = yaml.safe_load((folder / "model.yaml").read_text())
+            minutes = spec["config"]["train"]["max_minutes"] or 1e6
+            train_regression(config, data, target, int(spec["info"]["steps"]), minutes * 60)
+
+
+def regression_folder(folder: Path) -> Path:
+    return folder.with_name(folder.name.replace("-model", "") + "-regression")
 
 
 def validation_copies(data: Path, work: Path, count: int) -> list[dict[str, Path]]:
@@ -117,16 +158,21 @@ def timed(fn, *args, **kwargs):
 
 
 def classical_denoisers(noisy: np.ndarray) -> dict:
-    """Non-local means (3D) and total variation with their parameters set from the estimated
-    sigma (multiples chosen on validation subjects, never on the evaluated scans)."""
+    """Non-local means (3D), total variation and (if installed) BM4D with their parameters set
+    from the estimated sigma (NLM's and TV's multiples chosen on validation subjects, never on
+    the evaluated scans; BM4D's is the estimate itself)."""
     scale = float(np.percentile(noisy, 99.5))
     unit = noisy / scale
     sigma = estimate_sigma(unit, foreground_mask(unit, 0.02))
-    return {
+    methods = {
         "nlm": lambda: denoise_nl_means(unit, h=NLM_H * sigma, sigma=sigma, patch_size=5,
                                         patch_distance=6, fast_mode=True) * scale,
         "tv": lambda: denoise_tv_chambolle(unit, weight=TV_WEIGHT * sigma) * scale,
     }
+    bm4d = bm4d_denoiser()
+    if bm4d is not None:
+        methods["bm4d"] = lambda: bm4d(unit, sigma) * scale
+    return methods
 
 
 def denoise_rows(cases, models: dict, baselines: bool = True) -> list[dict]:
@@ -232,9 +278,26 @@ def parse() -> argparse.Namespace:
                         default=["denoise", "superres"])
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V",
                         help="sampling setting for the diffusion models (steps=10, samples=4)")
+    parser.add_argument("--no-regression", dest="regression", action="store_false",
+                        help="leave out the regression counterparts (trained when missing)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--write-docs", action="store_true")
     return parser.parse_args()
+
+
+def regression_predictor(kind, diffusion_folder: Path, device: str):
+    """The regression counterpart of a diffusion model folder, run by the same predictor in
+    one network evaluation per slice."""
+    folder = regression_folder(diffusion_folder)
+    return as_regression(kind.load(folder, device, sampler="x0", steps=1, samples=1))
+
+
+def training_steps(folders: list[Path], regression: bool) -> dict[str, int]:
+    """Steps each model folder (and its regression counterpart) was trained for."""
+    if regression:
+        folders = [f for folder in folders for f in (folder, regression_folder(folder))]
+    return {f.name: yaml.safe_load((f / "model.yaml").read_text())["info"]["steps"]
+            for f in folders}
 
 
 def settings_from(overrides: list[str]) -> dict:
@@ -249,7 +312,7 @@ def main() -> None:
     args = parse()
     models = {"denoise": args.denoise_model if "denoise" in args.tasks else None,
               "superres": args.superres_model if "superres" in args.tasks else None}
-    ensure(args.data, models, args.preset)
+    ensure(args.data, models, args.preset, args.regression)
     cases = (test_copies(args.data) if args.split == "test" else
              validation_copies(args.data, REPO / "benchmarks" / "work" / "enhance-val",
                                args.cases or 2))[: args.cases]
@@ -261,19 +324,28 @@ def main() -> None:
         if args.anomaly_model is not None:
             denoisers["diffusion (SDEdit, anomaly model)"] = Denoiser.load(
                 args.anomaly_model, args.device, **settings)
+        if args.regression:
+            denoisers[REGRESSION] = regression_predictor(Denoiser, args.denoise_model, args.device)
         rows += denoise_rows(cases, denoisers)
     if "superres" in args.tasks:
-        rows += superres_rows(cases, {"diffusion (SR3)": SuperResolver.load(
-            args.superres_model, args.device, **settings)})
+        resolvers = {"diffusion (SR3)": SuperResolver.load(args.superres_model, args.device,
+                                                           **settings)}
+        if args.regression:
+            resolvers[REGRESSION] = regression_predictor(SuperResolver, args.superres_model,
+                                                         args.device)
+        rows += superres_rows(cases, resolvers)
     table = summary(rows)
     out = REPO / "benchmarks" / "results" / f"enhance-{args.split}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rows": rows, "summary": table, "settings": settings},
-                              indent=2, default=float) + "\n")
-    header = (f"Machine: {machine()}. Split: {args.split} ({len(cases)} scans), models: "
-              f"{', '.join(str(m.name) for m in models.values() if m)}; sampling "
+    steps = training_steps([m for m in models.values() if m], args.regression)
+    out.write_text(json.dumps({"rows": rows, "summary": table, "settings": settings,
+                               "training_steps": steps}, indent=2, default=float) + "\n")
+    omp = os.environ.get("OMP_NUM_THREADS")
+    threads = f"OMP_NUM_THREADS={omp} " if omp else ""
+    header = (f"Machine: {machine()}. Split: {args.split} ({len(cases)} scans), models (training "
+              f"steps): {', '.join(f'{k} ({v})' for k, v in steps.items())}; sampling "
               f"{settings or 'defaults'}. Benchmark wall time {time.perf_counter() - started:.0f} s."
-              f" Command: `python benchmarks/enhance.py {' '.join(sys.argv[1:])}`.")
+              f" Command: `{threads}python benchmarks/enhance.py {' '.join(sys.argv[1:])}`.")
     text = markdown(table, header)
     print(text)
     if args.write_docs:

@@ -343,3 +343,70 @@ def test_super_resolution_keeps_the_input_axis_order(superres_model, example_dat
     np.testing.assert_allclose(las.image[::-1], ras.image, atol=1e-4)
     last = las.image.shape[0] - 1
     np.testing.assert_allclose(las.affine @ [last, 0, 0, 1], ras.affine @ [0, 0, 0, 1], atol=1e-4)
+
+
+# -- benchmark baselines ------------------------------------------------------------------------
+def _weighted(net: torch.nn.Module) -> torch.nn.Module:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in net.parameters():  # the last layer starts at zero: give it weights
+            p.add_(0.05 * torch.randn_like(p))
+    return net.eval()
+
+
+def test_regression_loss_keeps_the_diffusion_losss_batch_stream():
+    from benchmarks._regression import RegressionLoss
+    from medidiff.diffusion.schedule import NoiseSchedule
+    from medidiff.training.loss import loss_from_config
+
+    cfg = _config("superres")
+    task = get_task("superres")
+    net = _weighted(build_network(cfg, task))
+    inputs = task.training_inputs({"image": _batch(1)}, cfg, torch.Generator().manual_seed(1))
+    schedule = NoiseSchedule(**cfg.diffusion.model_dump())
+    states = []
+    for loss in (loss_from_config(cfg), RegressionLoss(cfg.trained_timesteps())):
+        generator = torch.Generator().manual_seed(2)
+        value = loss(net, inputs, schedule, generator)
+        assert torch.isfinite(value) and value > 0
+        states.append(generator.get_state())
+    assert torch.equal(*states)  # the same pairs follow, step after step
+
+
+def test_one_pass_network_ignores_the_samplers_noise_and_timestep():
+    from benchmarks._regression import OnePass
+
+    net = OnePass(_weighted(build_network(_config("superres"), get_task("superres"))))
+    condition = torch.rand(2, 1, 32, 32)
+    labels = torch.tensor([0, 1])
+    with torch.no_grad():
+        first = net(torch.cat([torch.randn(2, 1, 32, 32), condition], 1),
+                    timesteps=torch.tensor([999, 999]), class_labels=labels)
+        second = net(torch.cat([torch.randn(2, 1, 32, 32), condition], 1),
+                     timesteps=torch.tensor([3, 500]), class_labels=labels)
+    torch.testing.assert_close(first, second)
+
+
+def test_regression_baseline_trains_to_its_step_budget_and_runs_in_one_pass(example_data,
+                                                                             tmp_path):
+    from benchmarks._regression import as_regression, train_regression
+
+    config = REPO / "configs" / "denoise" / "cpu-tiny.yaml"
+    record = train_regression(config, example_data, tmp_path / "reg", steps=2, seconds=600)
+    assert record["steps"] == 2 and (tmp_path / "reg" / "model.yaml").is_file()
+    denoiser = as_regression(Denoiser.load(tmp_path / "reg", "cpu", sampler="x0", steps=1))
+    scan = _copy(example_data, "noisy10")
+    result = denoiser.predict_file(scan)
+    assert result.image.shape == nib.load(scan).shape
+    assert result.info["nfe_per_slice"] == 1
+
+
+def test_bm4d_baseline_is_left_out_without_the_optional_package(monkeypatch):
+    import sys
+
+    from benchmarks import enhance
+
+    monkeypatch.setitem(sys.modules, "bm4d", None)  # as if not installed
+    assert enhance.bm4d_denoiser() is None
+    noisy = np.random.default_rng(0).random((16, 16, 8)).astype(np.float32)
+    assert set(enhance.classical_denoisers(noisy)) == {"nlm", "tv"}

@@ -235,3 +235,116 @@ def test_reference_labels_of_another_shape_are_refused(segment_model, example_da
     code, _, err = run_cli("segment", "--model", str(segment_model), "--out", str(tmp_path / "o"),
                            str(scan), "--labels", str(labels), "--samples", "1", "--steps", "1")
     assert code == 2 and "its image has shape" in _one_error_line(err)
+
+
+# -- the supervised baseline --------------------------------------------------------------------
+class _IntensityNet(torch.nn.Module):
+    """Logits from intensity: class c is most likely near c / 3; an all-zero input says class 2,
+    so a slice the net is run on never comes back as certain background."""
+
+    strides = (1, 2)
+
+    def forward(self, x):
+        centres = torch.tensor([0.0, 1 / 3, 2 / 3, 1.0]).reshape(1, 4, 1, 1)
+        logits = -40.0 * (x[:, :1] - centres) ** 2
+        logits[:, 2] += 50.0 * (x[:, 0] == 0)
+        return logits
+
+
+def _baseline(net):
+    from types import SimpleNamespace
+
+    from medidiff.tasks.segment.baselines import UNetSegmenter
+
+    cfg = load_config(TINY)
+    segmenter = SimpleNamespace(cfg=cfg, settings=SimpleNamespace(batch_size=4),
+                                device=torch.device("cpu"))
+    return UNetSegmenter(net, segmenter)
+
+
+def test_unet_baseline_runs_only_on_foreground_slices_as_the_diffusion_model():
+    volume = torch.zeros(1, 48, 56, 10)
+    volume[:, 8:40, 8:48, 4:6] = torch.linspace(0.25, 1.0, 40)[:, None]  # slices 4, 5: a head
+    grid = _baseline(_IntensityNet()).segment_grid(volume)
+    assert grid.samples.shape == (1, 4, 48, 56, 10)
+    for empty in (0, 1, 8, 9):  # no foreground, never run: background with certainty
+        assert not grid.labels[..., empty].any() and not grid.uncertainty[..., empty].any()
+    assert set(np.unique(grid.labels[8:40, 8:48, 4])) == {1, 2, 3}
+    assert (grid.labels[:8, :, 4] == 2).all()  # run slices get the network's own answer
+
+
+def test_unet_entropy_uncertainty_is_in_unit_interval_and_higher_where_wrong():
+    from medidiff.metrics import uncertainty_error_auroc
+
+    volume = torch.zeros(1, 48, 56, 3)
+    volume[:, 4:44, 4:52, :] = torch.linspace(0.05, 1.0, 48)[:, None]
+    grid = _baseline(_IntensityNet()).segment_grid(volume)
+    assert 0 <= grid.uncertainty.min() and grid.uncertainty.max() <= 1
+    intensity = volume[0].numpy()
+    # the reference's class boundaries sit a little off the network's (1/6, 1/2, 5/6)
+    reference = np.digitize(intensity, [0.2, 0.45, 0.8]) * (intensity > 0)
+    wrong = grid.labels != reference
+    inside = reference > 0
+    assert wrong[inside].any() and (~wrong[inside]).any()
+    assert grid.uncertainty[wrong & inside].mean() > 2 * grid.uncertainty[~wrong & inside].mean()
+    assert uncertainty_error_auroc(grid.uncertainty, wrong, mask=inside) > 0.8
+
+
+def test_deep_supervision_loss_weights_heads_by_halves():
+    from monai.losses import DiceCELoss
+
+    from medidiff.tasks.segment.baselines import DeepSupervisionLoss
+
+    labels = torch.randint(4, (2, 1, 8, 8)).float()
+    heads = torch.randn(2, 3, 4, 8, 8)
+    plain = DiceCELoss(to_onehot_y=True, softmax=True)
+    expected = sum(w * plain(heads[:, i], labels) for i, w in enumerate([4 / 7, 2 / 7, 1 / 7]))
+    loss = DeepSupervisionLoss()
+    torch.testing.assert_close(loss(heads, labels), expected)
+    torch.testing.assert_close(loss(heads[:, 0], labels), plain(heads[:, 0], labels))
+
+
+def test_unet_training_logs_its_loss_and_snapshots_by_cpu_time():
+    from medidiff.tasks.segment.baselines import build_unet, train_unet
+
+    cfg = load_config(TINY)
+    image = torch.rand(6, 1, 48, 56)
+    labels = torch.bucketize(image, torch.tensor([0.25, 0.5, 0.75])).float()
+    dataset = torch.utils.data.StackDataset(image=image, label=labels)
+    dataset.data = {"image": image, "label": labels}  # as SliceDataset holds its slices
+    net = build_unet(cfg, filters=(8, 16, 32), deep_supervision=1)
+    first = net(image[:1])  # training mode: the full-resolution output and one head
+    assert first.shape == (1, 2, 4, 48, 56)
+    net, log = train_unet(cfg, dataset, max_cpu_seconds=3.0, window_seconds=0.75,
+                          snapshot_at=(1.0,), net=net)
+    assert log.stopped in ("converged", "time") and len(log.curve) >= 2
+    assert log.curve[-1]["loss"] < log.curve[0]["loss"]
+    times = [s["cpu_seconds"] for s in log.snapshots]
+    assert len(times) == 2 and 1.0 <= times[0] < times[1]
+    assert not net.training and net(image[:1]).shape == (1, 4, 48, 56)  # eval: one output
+    described = log.describe()
+    assert "state" not in described["snapshots"][0]
+
+
+def test_unet_baseline_on_a_scan_matches_the_segmenter_output_space(segment_model, example_data):
+    from medidiff.api import Segmenter
+    from medidiff.tasks.segment.baselines import UNetSegmenter, build_unet
+
+    segmenter = Segmenter.load(segment_model, device="cpu")
+    scan = _test_scan(example_data)
+    result = UNetSegmenter(build_unet(segmenter.cfg), segmenter).predict_file(scan)
+    source = nib.load(scan)
+    assert result.labels.shape == source.shape and result.labels.dtype == np.uint8
+    np.testing.assert_allclose(result.affine, source.affine, atol=1e-5)
+    assert 0 <= result.uncertainty.min() and result.uncertainty.max() <= 1
+    np.testing.assert_allclose(result.probabilities.sum(axis=0), 1.0, atol=1e-4)
+
+
+def test_otsu_baseline_labels_the_brain_by_increasing_intensity():
+    from medidiff.tasks.segment.baselines import otsu_labels
+
+    image = np.zeros((4, 4, 3), np.float32)
+    image[1, 1], image[1, 2], image[2, 1], image[2, 2] = 0.2, 0.5, 0.8, 0.21
+    labels = otsu_labels(image)
+    assert (labels[image == 0] == 0).all()
+    assert labels[1, 1, 0] == labels[2, 2, 0] < labels[1, 2, 0] < labels[2, 1, 0]

@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from medidiff.config import SegmentConfig
+from medidiff.config import Config, SegmentConfig
 from medidiff.data.transforms import foreground_mask
 from medidiff.diffusion.schedule import NoiseSchedule
 from medidiff.errors import InputError
@@ -66,6 +66,22 @@ class SegmentResult:
     reference: np.ndarray | None = None  # the reference labels, when a label folder is given
 
 
+def foreground_grid(run, volume: torch.Tensor, runner: GridRunner, cfg: Config, samples: int,
+                    fusion: str = "mean", progress=None) -> SegmentGrid:
+    """The one way a segmentation network meets a (C, H, W, D) volume on the model grid: ``run``
+    (rows -> ``samples`` x K class probabilities each) only on the slices holding foreground
+    (``data.foreground_threshold``), the others background with certainty; the samples fused,
+    the argmax the labels, the normalised entropy of the fused probabilities the uncertainty."""
+    image = np.asarray(volume[0], dtype=np.float32)
+    foreground = foreground_mask(image, cfg.data.foreground_threshold)
+    k = cfg.segment.num_classes
+    out = runner.run(run, volume.float(), foreground, certain_background(samples, k), progress)
+    per_sample = out.reshape(samples, k, *out.shape[1:])
+    fused = fuse(per_sample, fusion)
+    labels = fused.argmax(dim=0).numpy().astype(np.uint8)
+    return SegmentGrid(image, per_sample, fused, labels, entropy(fused).numpy())
+
+
 class Segmenter(Predictor):
     """A loaded segmentation model plus sampling settings (the model's ``segment`` section).
 
@@ -81,8 +97,9 @@ class Segmenter(Predictor):
 
     def __init__(self, model: LoadedModel, settings: SegmentConfig, device: torch.device, *,
                  label_dir: str | Path | None = None, save_probabilities: bool = False,
-                 repair_nonfinite: bool = False):
-        super().__init__(model, settings, device, repair_nonfinite=repair_nonfinite)
+                 repair_nonfinite: bool = False, backend: str | None = None):
+        super().__init__(model, settings, device, repair_nonfinite=repair_nonfinite,
+                         backend=backend)
         self.schedule = NoiseSchedule(**self.cfg.diffusion.model_dump())
         timesteps(settings, self.schedule.num_train_timesteps)  # refuse steps it cannot take
         self.label_dir = Path(label_dir) if label_dir else None
@@ -106,27 +123,30 @@ class Segmenter(Predictor):
 
     def segment_grid(self, volume: torch.Tensor, progress=None) -> SegmentGrid:
         """Sample, fuse and measure the disagreement for a (C, H, W, D) volume on the grid."""
-        image = np.asarray(volume[0], dtype=np.float32)
-        foreground = foreground_mask(image, self.cfg.data.foreground_threshold)
-        n, k = self.settings.samples, self.num_classes
+        n = self.settings.samples
         runner = GridRunner.for_model(self.cfg, self.settings.batch_size // n)
 
         def run(batch: torch.Tensor, ids) -> torch.Tensor:
             return sample_probabilities(self.net, batch, ids, self.cfg, self.schedule,
                                         self.settings, self.device)
 
-        out = runner.run(run, volume.float(), foreground, certain_background(n, k), progress)
-        samples = out.reshape(n, k, *out.shape[1:])
-        fused = fuse(samples, self.settings.fusion)
-        labels = fused.argmax(dim=0).numpy().astype(np.uint8)
-        return SegmentGrid(image, samples, fused, labels, entropy(fused).numpy())
+        return foreground_grid(run, volume, runner, self.cfg, n, self.settings.fusion, progress)
 
     def predict(self, prep: Prepared, progress=None) -> SegmentResult:
-        reference = None
-        if self.label_dir is not None and prep.source is not None:  # checked before sampling
-            reference = load_reference(self.label_dir / f"{case_name(prep.source)}.nii.gz",
-                                       load_image(prep.source)[0].shape[1:])
-        grid = self.segment_grid(prep.volume, progress)
+        reference = self.reference_for(prep)  # checked before sampling
+        return self.finish(prep, self.segment_grid(prep.volume, progress), reference)
+
+    def reference_for(self, prep: Prepared) -> np.ndarray | None:
+        """The reference labels of a scan read from a file, when a label folder is given."""
+        if self.label_dir is None or prep.source is None:
+            return None
+        return load_reference(self.label_dir / f"{case_name(prep.source)}.nii.gz",
+                              load_image(prep.source)[0].shape[1:])
+
+    def finish(self, prep: Prepared, grid: SegmentGrid,
+               reference: np.ndarray | None = None) -> SegmentResult:
+        """A grid's labels, probabilities and uncertainty mapped to the input's space (the one
+        post-processing of every segmenter, diffusion or supervised)."""
         labels, probs, affine = self.to_input_space(prep, grid.probabilities)
         uncertainty, _ = prep.to_input(grid.uncertainty)
         return SegmentResult(labels, np.clip(uncertainty, 0.0, 1.0), probs, affine, grid,
