@@ -31,6 +31,8 @@ from medidiff import metrics  # noqa: E402
 from medidiff.api import AnomalyDetector  # noqa: E402
 from medidiff.config import AnomalyConfig  # noqa: E402
 from medidiff.data.datasets import cached_volumes, read_split  # noqa: E402
+from medidiff.names import INFERENCE_BACKENDS  # noqa: E402
+from medidiff.preprocess.cache import preprocess_entries  # noqa: E402
 from medidiff.tasks.anomaly.baselines import ZSCORE_FILE  # noqa: E402
 from medidiff.tasks.anomaly.calibration import fit_zscore_baseline, standardise_healthy  # noqa: E402
 from medidiff.tasks.anomaly.scoring import describe  # noqa: E402
@@ -49,11 +51,19 @@ SETTINGS = {
     "ddim5-eta1-x2": dict(sampler="ddim", noise_levels=(250,), steps=5, draws=2, eta=1.0),
     "ddim10-eta1-x1": dict(sampler="ddim", noise_levels=(250,), steps=10, draws=1, eta=1.0),
     "x0-t250-x1": dict(sampler="x0", noise_levels=(250,), steps=1, draws=1),
+    "x0-t250-x2": dict(sampler="x0", noise_levels=(250,), steps=1, draws=2),
+    "x0-t250-x4": dict(sampler="x0", noise_levels=(250,), steps=1, draws=4),
+    "x0-t150-x2": dict(sampler="x0", noise_levels=(150,), steps=1, draws=2),
+    "x0-t350-x2": dict(sampler="x0", noise_levels=(350,), steps=1, draws=2),
+    "ddim2-eta1-x2": dict(sampler="ddim", noise_levels=(250,), steps=2, draws=2, eta=1.0),
+    "ddim3-eta1-x2": dict(sampler="ddim", noise_levels=(250,), steps=3, draws=2, eta=1.0),
+    "dpmpp3-x2": dict(sampler="dpmpp2m", noise_levels=(250,), steps=3, draws=2),
     "x0-t250-x10": dict(sampler="x0", noise_levels=(250,), steps=1, draws=10),
     "x0-3lvl-x2": dict(sampler="x0", noise_levels=(150, 250, 350), steps=1, draws=2),
     "x0-3lvl-x4": dict(sampler="x0", noise_levels=(150, 250, 350), steps=1, draws=4),
     "x0-3lvl-x8": dict(sampler="x0", noise_levels=(150, 250, 350), steps=1, draws=8),
 }
+BACKEND = "auto"  # --backend
 # medidiff's default scoring settings (AnomalyConfig defaults); marked in the table
 DEFAULT = describe(AnomalyConfig(), "diffusion")
 
@@ -72,6 +82,8 @@ def ensure_data_and_model(data: Path, model: Path, preset: str, train_set: list[
 
 def load_split(cfg, data: Path, split: str, limit: int | None, slab: int):
     entries = read_split(data, split)[:limit]
+    masks = ("mask",) if entries and all("mask" in e for e in entries) else ()
+    entries = preprocess_entries(cfg.preprocess, entries, label_keys=masks)  # raw scans: as scored
     keys = [{"image": e["image"], **({"mask": e["mask"]} if "mask" in e else {})} for e in entries]
     label_keys = ("mask",) if all("mask" in k for k in keys) else ()
     items = [dict(v) for v in cached_volumes(cfg.data, keys, label_keys=label_keys)]
@@ -106,7 +118,8 @@ def run_setting(model, name: str, val, test, device) -> list[dict]:
     """Calibrate on ``val``, score ``test``. A diffusion setting gives two results from the same
     reconstructions: the standardised map (medidiff's) and the raw residual (AnoDDPM's)."""
     # standardise=True: both maps come from the same reconstructions, raw and standardised
-    detector = AnomalyDetector.from_model(model, device, **{"standardise": True, **SETTINGS[name]})
+    detector = AnomalyDetector.from_model(model, device, backend=BACKEND,
+                                          **{"standardise": True, **SETTINGS[name]})
     settings = detector.settings
     stats = detector.zscore_stats() if detector.method == "zscore" else None
     detector._residual_stats = {}  # raw residuals; standardised below as calibrate does
@@ -184,8 +197,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=None,
                         help="results JSON [default: benchmarks/results/anomaly[-slabN].json]")
+    parser.add_argument("--backend", default="auto", choices=INFERENCE_BACKENDS)
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
+    global BACKEND
+    BACKEND = args.backend
 
     name = f"anomaly-slab{args.slab}" if args.slab else "anomaly"
     args.out = args.out or REPO / "benchmarks" / "results" / f"{name}.json"

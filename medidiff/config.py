@@ -44,6 +44,7 @@ BiasCorrection = one_of(names.BIAS_CORRECTIONS)
 Registration = one_of(names.REGISTRATIONS)
 TemplateName = one_of(names.TEMPLATES)
 SkullStrip = one_of(names.SKULL_STRIPS)
+InferenceBackend = one_of(names.INFERENCE_BACKENDS)
 
 
 class _Section(BaseModel):
@@ -381,6 +382,15 @@ class PreprocessConfig(_Section):
         return self.registration != "none" or self.bias_correction != "none"
 
 
+class InferenceConfig(_Section):
+    """How every inference command runs the network (``medidiff.inference.backends``)."""
+
+    backend: InferenceBackend = Field(
+        default="auto", description="eager PyTorch, torch.compile, or the network exported once "
+                                    "to ONNX and run by ONNX Runtime (onnx) or OpenVINO; auto: "
+                                    "onnx on the CPU when onnxruntime is installed, else eager")
+
+
 class Config(_Section):
     """A whole experiment."""
 
@@ -395,6 +405,7 @@ class Config(_Section):
     superres: SuperResConfig = Field(default_factory=SuperResConfig)
     segment: SegmentConfig = Field(default_factory=SegmentConfig)
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
 
     @model_validator(mode="after")
     def _check_max_timestep(self) -> Config:

@@ -50,6 +50,12 @@ TEMPLATES = ("mni152-2009c-t1", "mni152-2009c-t2")
 SKULL_STRIPS = ("none", "template")
 """Brain extraction (``preprocess.skull_strip``): the template's brain mask after registration."""
 
+INFERENCE_BACKENDS = ("auto", "eager", "compile", "onnx", "openvino")
+"""How the network runs at inference (``inference.backend``; ``medidiff.inference.backends``)."""
+
+SCORING_PRESETS = ("fast", "default", "reference")
+"""Named anomaly-scoring settings (``--preset``; ``medidiff.tasks.anomaly.presets``)."""
+
 RUN_FORMATS = ("table", "csv", "json", "markdown")
 """Output formats of ``medidiff runs compare``."""
 
@@ -59,6 +65,7 @@ __all__ = [
     "BIAS_CORRECTIONS",
     "ENCODINGS",
     "FUSIONS",
+    "INFERENCE_BACKENDS",
     "NOISE_KINDS",
     "NOISE_SCHEDULES",
     "PREDICTION_TYPES",
@@ -66,6 +73,7 @@ __all__ = [
     "RESAMPLE_MODES",
     "RUN_FORMATS",
     "SAMPLERS",
+    "SCORING_PRESETS",
     "SKULL_STRIPS",
     "TASK_NAMES",
     "TEMPLATES",

@@ -243,7 +243,7 @@ def png_bytes(rgb: np.ndarray, upscale: int | None = None) -> bytes:
     if upscale > 1:
         image = image.resize((rgb.shape[1] * upscale, rgb.shape[0] * upscale), Image.NEAREST)
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format="PNG", compress_level=1)  # fast: figures are written per scan
     return buffer.getvalue()
 
 

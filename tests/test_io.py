@@ -289,6 +289,17 @@ def test_nan_and_constant_images_are_refused(tmp_path):
     _assert_refused(_nifti(tmp_path / "flat.nii.gz", np.ones((4, 5, 6), np.float32)), "constant")
 
 
+def test_an_empty_label_map_is_a_label_map(tmp_path):
+    """A healthy scan's lesion mask is all background: refused as a scan, read as labels."""
+    from medidiff.io.read import load_image
+
+    path = _nifti(tmp_path / "mask.nii.gz", np.zeros((4, 5, 6), np.float32))
+    with pytest.raises(InputError, match="constant"):
+        load_image(path)
+    array, _ = load_image(path, labels=True)
+    assert array.shape == (1, 4, 5, 6) and not array.any()
+
+
 def test_check_voxels_accepts_tensors_from_pipelines():
     import torch
 

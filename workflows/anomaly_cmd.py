@@ -7,6 +7,7 @@ import os
 
 import click
 from medidiff.workflows.common import (
+    backend_option,
     echo,
     make_tracker,
     model_io_options,
@@ -19,7 +20,7 @@ from medidiff.workflows.common import (
 )
 
 from medidiff.config import MAX_DRAWS
-from medidiff.names import ANOMALY_METHODS, SAMPLERS
+from medidiff.names import ANOMALY_METHODS, SAMPLERS, SCORING_PRESETS
 
 
 @click.group()
@@ -34,6 +35,10 @@ def _levels(ctx, param, value):
 def settings_options(func):
     """Scoring settings (fields of the model's anomaly section); unset keeps the model's."""
     options = [
+        click.option("--preset", type=click.Choice(SCORING_PRESETS), default=None,
+                     help="Named settings: fast (2 network evaluations per slice), default (the "
+                          "model's), reference (AnoDDPM's 250 DDPM steps); the options below "
+                          "override it. Each preset is calibrated on its own."),
         click.option("--sampler", type=click.Choice(SAMPLERS), default=None,
                      help="Reverse sampler [default: the model's, ddim]."),
         click.option("--steps", type=click.IntRange(min=1), default=None,
@@ -137,6 +142,7 @@ def run_calibration(model_dir, data_dir, tracker, device: str = "auto", nested: 
               help="Calibrate only this method (repeatable) [default: all]; other methods' "
                    "calibrations are kept.")
 @settings_options
+@backend_option
 @tracking_options
 def calibrate_cmd(model_dir, data_dir, device, methods, experiment, tracking_uri, no_tracking,
                   **settings) -> None:

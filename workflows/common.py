@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from medidiff.errors import InputError
+from medidiff.names import INFERENCE_BACKENDS
 from medidiff.tracking import Tracker, check_reachable, tracking_uri
 
 
@@ -25,8 +26,19 @@ def tracking_options(func: Callable) -> Callable:
     return func
 
 
+def backend_option(func: Callable) -> Callable:
+    """--backend: how the network runs (lands in the command's settings, None: the model's)."""
+    return click.option("--backend", type=click.Choice(INFERENCE_BACKENDS), default=None,
+                        help="How the network runs: eager PyTorch, torch.compile, or exported to "
+                             "ONNX and run by ONNX Runtime (onnx) or OpenVINO [default: the "
+                             "model's inference.backend, auto: onnx on the CPU when installed]."
+                        )(func)
+
+
 def sharding_options(func: Callable) -> Callable:
-    """--part-id, --num-parts, --overwrite, --device, --repair-nonfinite for inference commands."""
+    """--part-id, --num-parts, --overwrite, --device, --repair-nonfinite, --backend for inference
+    commands."""
+    func = backend_option(func)
     func = click.option("--repair-nonfinite", is_flag=True,
                         help="Replace NaN/Inf voxels with the scan's lowest finite value (with a "
                              "warning) instead of refusing the scan.")(func)

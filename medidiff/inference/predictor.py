@@ -32,6 +32,7 @@ from pydantic import BaseModel, ValidationError
 from medidiff.data.datasets import fingerprint
 from medidiff.data.transforms import Chain, image_transforms, invert_to_input, volume_transforms
 from medidiff.errors import ConfigError, InputError, QualityError
+from medidiff.inference import backends
 from medidiff.inference.cases import CaseOutcome, inputs_of_part, merge_rows, run_cases
 from medidiff.io.read import reader_for
 from medidiff.io.validate import check_voxels, repair_nonfinite, spatial_ndim, validate_input
@@ -125,13 +126,16 @@ class Predictor:
     figure_key: ClassVar[str] = "overlay"  # the MLflow image key of each case's figure
 
     def __init__(self, model: LoadedModel, settings: BaseModel, device: torch.device, *,
-                 repair_nonfinite: bool = False):
+                 repair_nonfinite: bool = False, backend: str | None = None):
         self.model, self.settings, self.device = model, settings, device
         self.cfg = model.config
         self.repair_nonfinite = repair_nonfinite
         self.preprocessor = Preprocessor(self.cfg.preprocess) if self.cfg.preprocess.enabled else None
+        self.backend = backends.resolve(backend or self.cfg.inference.backend, device)
+        network = backends.wrap(model.net, self.backend, device, folder=model.folder,
+                                weights_sha256=model.weights_sha256)
         # a fixed network batch: results do not depend on --batch-size or on sharding
-        self.net = FixedBatch(model.net, micro_batch(self.cfg.data.spatial_dims, device))
+        self.net = FixedBatch(network, micro_batch(self.cfg.data.spatial_dims, device))
 
     # -- loading ------------------------------------------------------------------------------
     @classmethod
@@ -157,7 +161,8 @@ class Predictor:
     def describe(self) -> dict:
         """The resolved settings, as written next to the outputs and logged to MLflow."""
         return {**self.settings.model_dump(mode="json"), "model": str(self.model.folder),
-                "task": self.model.task, "repair_nonfinite": self.repair_nonfinite}
+                "task": self.model.task, "repair_nonfinite": self.repair_nonfinite,
+                "backend": self.backend}
 
     # -- preprocessing ------------------------------------------------------------------------
     def transforms(self, ndim: int, reader) -> list:

@@ -53,11 +53,12 @@ def _loader() -> LoadImage:
         return LoadImage(image_only=True, ensure_channel_first=True, dtype=np.float32)
 
 
-def load_image(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+def load_image(path: str | Path, labels: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """A scan as (float32 channel-first array, 4x4 affine), checked before and after loading.
 
     Raises InputError for anything `validate_input` refuses, for a file that fails while its
-    voxels are read (truncated data), for NaN/Inf voxels and for a constant image.
+    voxels are read (truncated data), for NaN/Inf voxels and for a constant image (unless
+    ``labels``: a label map may be all background).
     """
     path = Path(path)
     validate_input(path)
@@ -70,5 +71,5 @@ def load_image(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         ) from None
     array = np.ascontiguousarray(image.numpy(), dtype=np.float32)
     affine = np.asarray(image.affine, dtype=np.float64)
-    check_voxels(path, array)
+    check_voxels(path, array, constant_ok=labels)
     return array, affine

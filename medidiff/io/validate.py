@@ -380,7 +380,7 @@ def _check_slice_order(folder: Path, headers: list[pydicom.Dataset], depth: list
         raise _error(folder, "has unevenly spaced slices (a slice missing or out of order?)")
 
 
-def check_voxels(path: str | Path, array, *, repair: bool = False) -> int:
+def check_voxels(path: str | Path, array, *, repair: bool = False, constant_ok: bool = False) -> int:
     """Refuse loaded voxels with NaN/Inf, beyond +-MAX_INTENSITY or without contrast.
 
     Also for pipelines built on LoadImaged. Finite float32 values near its maximum (3.4e38) pass
@@ -389,6 +389,7 @@ def check_voxels(path: str | Path, array, *, repair: bool = False) -> int:
     Any non-finite voxel (NaN, +Inf, -Inf) refuses the scan. With `repair=True` they do not:
     the number of them is returned (0 when none) and the caller replaces them with
     `repair_nonfinite`; the other checks then judge the scan as it will be once repaired.
+    `constant_ok`: a label map, which may be all background (a healthy scan's lesion mask).
     """
     array = np.asarray(array)
     bad = int(array.size - np.count_nonzero(np.isfinite(array)))
@@ -400,7 +401,7 @@ def check_voxels(path: str | Path, array, *, repair: bool = False) -> int:
         )
     if bad:
         array, _ = repair_nonfinite(array)
-    if array.size == 0 or array.min() == array.max():
+    if array.size == 0 or (array.min() == array.max() and not constant_ok):
         raise _error(path, "is constant (no contrast)")
     largest = max(abs(float(array.min())), abs(float(array.max())))
     if largest > MAX_INTENSITY:

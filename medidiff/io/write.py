@@ -89,8 +89,11 @@ def _nifti_data(array) -> np.ndarray:
     raise ValueError(f"save_nifti cannot write data of type {data.dtype}")
 
 
-def save_nifti(array, affine, path: str | Path, compresslevel: int = 6) -> Path:
+def save_nifti(array, affine, path: str | Path, compresslevel: int = 1) -> Path:
     """Write `array` (2D/3D, or one-channel channel-first 4D) with `affine` to `path` atomically.
+
+    gzip level 1: an anomaly map and its mask of a 2 mm head took 0.26 s against level 6's
+    0.46 s, for files 7% larger; scoring writes both for every scan.
 
     qform and sform (code 1, scanner) come from the affine; `descrip` is empty, so nothing of an
     input's header (which may name a patient) is carried over. `.nii.gz` output is gzipped with

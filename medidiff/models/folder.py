@@ -39,6 +39,7 @@ class LoadedModel:
     net: torch.nn.Module
     calibration: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    weights_sha256: str | None = None  # checked against the weights file on loading
 
     @property
     def task(self) -> str:
@@ -208,7 +209,7 @@ def load_model(folder: str | Path, task: Any, device: str = "cpu") -> LoadedMode
         raise ModelFolderError(path, "weights do not fit the network described in model.yaml") from None
     net.to(device).eval()
     return LoadedModel(folder, cfg, net, dict(meta.get("calibration") or {}),
-                       dict(meta.get("info") or {}))
+                       dict(meta.get("info") or {}), weights_sha256=weights["sha256"].lower())
 
 
 def model_card(cfg: Config, meta: dict[str, Any]) -> str:

@@ -99,7 +99,7 @@ def _fill(folder: Path, preprocessor: Preprocessor, entry: dict, label_keys) -> 
         result = preprocessor.run(array[0], affine, entry["image"])
         write_preprocessed(result, tmp, IMAGE, BRAIN, TRANSFORM)
         for key in label_keys:
-            labels, label_affine = load_image(entry[key])
+            labels, label_affine = load_image(entry[key], labels=True)
             moved = result.from_native(labels[0], label_affine, nearest=True)
             save_nifti(np.rint(moved).astype(np.uint8), result.affine, tmp / f"{key}.nii.gz")
         atomic_write_text(tmp / QC, json.dumps({"qc": result.qc, "failures": result.failures}))

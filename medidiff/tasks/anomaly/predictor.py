@@ -24,6 +24,7 @@ from medidiff.io.write import save_nifti
 from medidiff.models.folder import LoadedModel
 from medidiff.tasks.anomaly import baselines
 from medidiff.tasks.anomaly.figures import anomaly_figure
+from medidiff.tasks.anomaly.presets import preset_settings
 from medidiff.tasks.anomaly.scoring import (
     calibration_key,
     check_settings,
@@ -77,14 +78,23 @@ class AnomalyDetector(Predictor):
 
     def __init__(self, model: LoadedModel, settings: AnomalyConfig, device: torch.device, *,
                  method: str = "diffusion", calibration: dict | None = None,
-                 repair_nonfinite: bool = False):
-        super().__init__(model, settings, device, repair_nonfinite=repair_nonfinite)
+                 repair_nonfinite: bool = False, backend: str | None = None):
+        super().__init__(model, settings, device, repair_nonfinite=repair_nonfinite,
+                         backend=backend)
         self.method = method
         self.schedule = NoiseSchedule(**self.cfg.diffusion.model_dump())
         check_settings(settings, method, self.cfg.trained_timesteps())  # levels it never learnt
         self.entry = calibration if calibration is not None else self.calibration()
         self._zscore = None
         self._residual_stats: dict[str, np.ndarray] | None = None  # None: from the calibration
+
+    @classmethod
+    def from_model(cls, model: LoadedModel, device: torch.device, preset: str | None = None,
+                   **options) -> AnomalyDetector:
+        """As ``Predictor.from_model``; ``preset`` names settings along the quality-per-NFE
+        frontier (``medidiff.tasks.anomaly.presets``), which options given here override."""
+        given = {k: v for k, v in options.items() if v is not None}
+        return super().from_model(model, device, **{**preset_settings(preset), **given})
 
     def describe(self) -> dict:
         entry = self.entry or {}

@@ -86,9 +86,24 @@ def reconstruct(net, images: torch.Tensor, ids: list[tuple[int, ...]], schedule:
 
 
 def postprocess(raw: np.ndarray, foreground: np.ndarray, median_kernel: int) -> np.ndarray:
-    """Median filter (pDDPM uses k=5 in 3D), then zero outside the foreground."""
-    smooth = ndimage.median_filter(raw, size=median_kernel) if median_kernel > 1 else raw
-    return (smooth * foreground).astype(np.float32)
+    """Median filter (pDDPM uses k=5 in 3D), then zero outside the foreground.
+
+    The filter runs on the foreground's bounding box grown by the kernel's radius, which gives
+    the same values inside the foreground as filtering the whole grid, at a fraction of the
+    cost (the head fills about half of its grid)."""
+    out = np.zeros(raw.shape, np.float32)
+    fg = np.asarray(foreground, bool)
+    if not fg.any():
+        return out
+    if median_kernel <= 1:
+        out[fg] = raw[fg]
+        return out
+    radius = median_kernel // 2
+    box = tuple(slice(max(0, int(i.min()) - radius), int(i.max()) + 1 + radius)
+                for i in np.nonzero(fg))
+    smooth = ndimage.median_filter(np.asarray(raw[box], np.float32), size=median_kernel)
+    out[box] = np.where(fg[box], smooth, 0.0)
+    return out
 
 
 def scan_score(anomaly_map: np.ndarray, foreground: np.ndarray, top_fraction: float) -> float:

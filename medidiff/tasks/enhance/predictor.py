@@ -91,8 +91,9 @@ class _Enhancer(Predictor):
     figure_key = "montage"
 
     def __init__(self, model: LoadedModel, settings, device: torch.device, *,
-                 repair_nonfinite: bool = False):
-        super().__init__(model, settings, device, repair_nonfinite=repair_nonfinite)
+                 repair_nonfinite: bool = False, backend: str | None = None):
+        super().__init__(model, settings, device, repair_nonfinite=repair_nonfinite,
+                         backend=backend)
         self.schedule = NoiseSchedule(**self.cfg.diffusion.model_dump())
         self.context = get_task(self.cfg.task).slice_context(self.cfg)
         self.started = 0.0
@@ -176,8 +177,9 @@ class Denoiser(_Enhancer):
     suffix = "denoised"
 
     def __init__(self, model: LoadedModel, settings, device: torch.device, *,
-                 sigma: float | None = None, repair_nonfinite: bool = False):
-        super().__init__(model, settings, device, repair_nonfinite=repair_nonfinite)
+                 sigma: float | None = None, repair_nonfinite: bool = False, backend: str | None = None):
+        super().__init__(model, settings, device, repair_nonfinite=repair_nonfinite,
+                         backend=backend)
         if sigma is not None and not 0 <= sigma < 1:
             raise InputError(None, f"sigma must be a fraction in [0, 1), got {sigma}")
         self.sigma = sigma
@@ -244,8 +246,9 @@ class SuperResolver(_Enhancer):
     suffix = "sr"
 
     def __init__(self, model: LoadedModel, settings, device: torch.device, *,
-                 scale: int | None = None, repair_nonfinite: bool = False):
-        super().__init__(model, settings, device, repair_nonfinite=repair_nonfinite)
+                 scale: int | None = None, repair_nonfinite: bool = False, backend: str | None = None):
+        super().__init__(model, settings, device, repair_nonfinite=repair_nonfinite,
+                         backend=backend)
         if self.cfg.preprocess.registration != "none":
             raise ConfigError("preprocess.registration: super-resolution refines the scan's own "
                               "grid, so its model must not register (bias correction is fine)")
