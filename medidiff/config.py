@@ -388,7 +388,7 @@ class InferenceConfig(_Section):
     backend: InferenceBackend = Field(
         default="auto", description="eager PyTorch, torch.compile, or the network exported once "
                                     "to ONNX and run by ONNX Runtime (onnx) or OpenVINO; auto: "
-                                    "onnx on the CPU when onnxruntime is installed, else eager")
+                                    "on the CPU openvino, else onnx when installed, else eager")
 
 
 class Config(_Section):

@@ -5,7 +5,7 @@
 set -euo pipefail
 VENV="${VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
-EXTRAS="${EXTRAS:-dev,onnx}"  # onnx: the fast CPU inference backend (optional)
+EXTRAS="${EXTRAS:-dev,openvino}"  # openvino: the fastest CPU inference backend (optional)
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi

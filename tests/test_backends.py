@@ -22,6 +22,8 @@ def test_unknown_or_impossible_backends_are_refused(monkeypatch):
     with pytest.raises(ConfigError, match="CPU only"):
         backends.resolve("onnx", torch.device("cuda"))
     assert backends.resolve("auto", torch.device("cuda")) == "eager"
+    monkeypatch.setattr(backends, "available", lambda name: name != "openvino")
+    assert backends.resolve("auto", torch.device("cpu")) == "onnx"
     monkeypatch.setattr(backends, "available", lambda name: name not in ("onnx", "openvino"))
     with pytest.raises(ConfigError, match=r"pip install 'medidiff\[openvino\]'"):
         backends.resolve("openvino", torch.device("cpu"))

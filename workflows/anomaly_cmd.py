@@ -36,9 +36,10 @@ def settings_options(func):
     """Scoring settings (fields of the model's anomaly section); unset keeps the model's."""
     options = [
         click.option("--preset", type=click.Choice(SCORING_PRESETS), default=None,
-                     help="Named settings: fast (2 network evaluations per slice), default (the "
-                          "model's), reference (AnoDDPM's 250 DDPM steps); the options below "
-                          "override it. Each preset is calibrated on its own."),
+                     help="Named settings: fast (one x0 jump from t=350, 2 draws: 2 network "
+                          "evaluations per slice), default (the model's), reference (AnoDDPM's "
+                          "250 DDPM steps); the options below override it. Each preset is "
+                          "calibrated on its own."),
         click.option("--sampler", type=click.Choice(SAMPLERS), default=None,
                      help="Reverse sampler [default: the model's, ddim]."),
         click.option("--steps", type=click.IntRange(min=1), default=None,

@@ -31,7 +31,8 @@ def backend_option(func: Callable) -> Callable:
     return click.option("--backend", type=click.Choice(INFERENCE_BACKENDS), default=None,
                         help="How the network runs: eager PyTorch, torch.compile, or exported to "
                              "ONNX and run by ONNX Runtime (onnx) or OpenVINO [default: the "
-                             "model's inference.backend, auto: onnx on the CPU when installed]."
+                             "model's inference.backend; auto: on the CPU openvino, else onnx "
+                             "when installed, else eager]."
                         )(func)
 
 

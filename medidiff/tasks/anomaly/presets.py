@@ -14,8 +14,9 @@ from medidiff.errors import ConfigError
 from medidiff.names import SCORING_PRESETS
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # one x0 jump from t=250, two draws: 2 network evaluations per slice
-    "fast": {"sampler": "x0", "noise_levels": [250], "steps": 1, "draws": 2},
+    # one x0 jump from t=350, two draws: 2 network evaluations per slice (the best of the 1- and
+    # 2-NFE settings on the demo model's frontier, docs/benchmarks.md)
+    "fast": {"sampler": "x0", "noise_levels": [350], "steps": 1, "draws": 2},
     "default": {},
     # AnoDDPM's: the full DDPM chain from t=250, one draw (250 evaluations per slice)
     "reference": {"sampler": "ddpm", "noise_levels": [250], "steps": 250, "draws": 1},
