@@ -114,13 +114,15 @@ class ExportedNet:
 
     # -- the cached graph ----------------------------------------------------------------------
     def _graph(self, x, timesteps, class_labels) -> Path:
-        shape = "x".join(str(s) for s in x.shape) + ("-labels" if class_labels is not None else "")
+        shape = ("x".join(str(s) for s in x.shape) + f"-{str(x.dtype).removeprefix('torch.')}"
+                 + ("-labels" if class_labels is not None else ""))
         weights = (self.weights_sha256 or "unhashed")[:16]
         name = f"unet-{weights}-{shape}"
         folder = self._exports()
         graph, record = folder / f"{name}.onnx", folder / f"{name}.json"
         expected = {"format": EXPORT_FORMAT, "weights_sha256": self.weights_sha256,
-                    "input_shape": list(x.shape), "class_labels": class_labels is not None}
+                    "input_shape": list(x.shape), "input_dtype": str(x.dtype),
+                    "class_labels": class_labels is not None}
         if graph.is_file() and record.is_file() and self.weights_sha256:
             with contextlib.suppress(OSError, ValueError):
                 meta = json.loads(record.read_text())
