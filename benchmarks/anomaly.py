@@ -63,7 +63,6 @@ SETTINGS = {
     "x0-3lvl-x4": dict(sampler="x0", noise_levels=(150, 250, 350), steps=1, draws=4),
     "x0-3lvl-x8": dict(sampler="x0", noise_levels=(150, 250, 350), steps=1, draws=8),
 }
-BACKEND = "auto"  # --backend
 # medidiff's default scoring settings (AnomalyConfig defaults); marked in the table
 DEFAULT = describe(AnomalyConfig(), "diffusion")
 
@@ -114,11 +113,11 @@ def score(detector, item: dict, stats):
     return detector.score_grid(torch.as_tensor(item["image"]).as_subclass(torch.Tensor))
 
 
-def run_setting(model, name: str, val, test, device) -> list[dict]:
+def run_setting(model, name: str, val, test, device, backend: str = "auto") -> list[dict]:
     """Calibrate on ``val``, score ``test``. A diffusion setting gives two results from the same
     reconstructions: the standardised map (medidiff's) and the raw residual (AnoDDPM's)."""
     # standardise=True: both maps come from the same reconstructions, raw and standardised
-    detector = AnomalyDetector.from_model(model, device, backend=BACKEND,
+    detector = AnomalyDetector.from_model(model, device, backend=backend,
                                           **{"standardise": True, **SETTINGS[name]})
     settings = detector.settings
     stats = detector.zscore_stats() if detector.method == "zscore" else None
@@ -200,8 +199,6 @@ def main() -> None:
     parser.add_argument("--backend", default="auto", choices=INFERENCE_BACKENDS)
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
-    global BACKEND
-    BACKEND = args.backend
 
     name = f"anomaly-slab{args.slab}" if args.slab else "anomaly"
     args.out = args.out or REPO / "benchmarks" / "results" / f"{name}.json"
@@ -215,7 +212,7 @@ def main() -> None:
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     for name in args.settings:
         started = time.perf_counter()
-        for result in run_setting(model, name, val, test, device):
+        for result in run_setting(model, name, val, test, device, args.backend):
             results[result["setting"]] = result
             print(f"{result['setting']:28s} AP {result['pooled_ap']:.3f}  Dice@cal "
                   f"{result['dice_at_threshold']:.3f}  scan AUROC "

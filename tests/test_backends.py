@@ -122,8 +122,7 @@ def test_compile_gives_the_eager_output(tmp_path):
     from .helpers import random_model
 
     net = _perturbed(random_model(tmp_path / "model", "anomaly"))
-    compiled = backends.wrap(net, "compile", torch.device("cpu"), folder=None,
-                             weights_sha256=None)
+    compiled = backends.wrap(net, "compile", folder=None, weights_sha256=None)
     x, t = torch.randn(2, 1, 16, 16), torch.tensor([10, 20])
     with torch.no_grad():
         np.testing.assert_allclose(compiled(x, timesteps=t).numpy(),

@@ -33,6 +33,7 @@ import torch
 
 from medidiff.errors import ConfigError
 from medidiff.io.write import atomic_write_bytes, atomic_write_text
+from medidiff.models.checkpoint import sha256_file
 from medidiff.names import INFERENCE_BACKENDS
 
 log = logging.getLogger("medidiff")
@@ -71,8 +72,7 @@ def resolve(backend: str, device: torch.device) -> str:
     return backend
 
 
-def wrap(net: torch.nn.Module, backend: str, device: torch.device, *, folder: Path | None,
-         weights_sha256: str | None):
+def wrap(net: torch.nn.Module, backend: str, *, folder: Path | None, weights_sha256: str | None):
     """``net`` run by ``backend`` (already resolved), called as the network is."""
     if backend == "eager":
         return net
@@ -127,7 +127,7 @@ class ExportedNet:
             with contextlib.suppress(OSError, ValueError):
                 meta = json.loads(record.read_text())
                 if ({k: meta.get(k) for k in expected} == expected
-                        and _sha256(graph) == meta.get("sha256")):
+                        and sha256_file(graph) == meta.get("sha256")):
                     return graph
         data = self._export(x, timesteps, class_labels)
         try:
@@ -159,7 +159,7 @@ class ExportedNet:
     def _export(self, x, timesteps, class_labels) -> bytes:
         labels = class_labels is not None
         module = _Signature(self.net, labels).eval()
-        args = (x.cpu(), timesteps.cpu()) + ((class_labels.cpu(),) if labels else ())
+        args = (x, timesteps) + ((class_labels,) if labels else ())  # on the CPU (resolve)
         names = ["x", "timesteps"] + (["class_labels"] if labels else [])
         buffer = io.BytesIO()
         log.info("exporting the network to ONNX for input %s (once per model folder)",
@@ -167,9 +167,8 @@ class ExportedNet:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             # the TorchScript exporter: a few seconds, where the dynamo exporter takes 15 s
-            torch.onnx.export(module.cpu(), args, buffer, input_names=names, output_names=["out"],
+            torch.onnx.export(module, args, buffer, input_names=names, output_names=["out"],
                               opset_version=OPSET, dynamo=False)
-        self.net.to(x.device)
         return buffer.getvalue()
 
     # -- the runtimes --------------------------------------------------------------------------
@@ -190,7 +189,3 @@ class ExportedNet:
             str(graph), "CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32",
                                 "PERFORMANCE_HINT": "LATENCY"})
         return lambda feeds: compiled(feeds)[0]
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()

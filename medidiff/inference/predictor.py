@@ -132,7 +132,7 @@ class Predictor:
         self.repair_nonfinite = repair_nonfinite
         self.preprocessor = Preprocessor(self.cfg.preprocess) if self.cfg.preprocess.enabled else None
         self.backend = backends.resolve(backend or self.cfg.inference.backend, device)
-        network = backends.wrap(model.net, self.backend, device, folder=model.folder,
+        network = backends.wrap(model.net, self.backend, folder=model.folder,
                                 weights_sha256=model.weights_sha256)
         # a fixed network batch: results do not depend on --batch-size or on sharding
         self.net = FixedBatch(network, micro_batch(self.cfg.data.spatial_dims, device))
