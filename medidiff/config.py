@@ -44,6 +44,7 @@ BiasCorrection = one_of(names.BIAS_CORRECTIONS)
 Registration = one_of(names.REGISTRATIONS)
 TemplateName = one_of(names.TEMPLATES)
 SkullStrip = one_of(names.SKULL_STRIPS)
+Normalisation = one_of(names.NORMALISATIONS)
 InferenceBackend = one_of(names.INFERENCE_BACKENDS)
 
 
@@ -66,8 +67,11 @@ class DataConfig(_Section):
         description="model grid: in-plane size (2D) or volume size (3D), padded or cropped")
     patch: list[int] | None = Field(
         default=None, description="3D: random training patch size (null: the whole grid)")
-    intensity_percentiles: tuple[float, float] = Field(
-        default=(0.0, 99.5), description="percentiles mapped to 0 and 1")
+    intensity_percentiles: tuple[float, float] | None = Field(
+        default=(0.0, 99.5),
+        description="percentiles of each scan mapped to 0 and 1; null: keep the intensities "
+                    "`preprocess.normalise` gave the registered scan (a large bright lesion "
+                    "moves a scan's top percentiles, and with them every healthy voxel)")
     intensity_ceiling: float = Field(
         default=1.0, ge=1.0, le=10.0,
         description="intensities are then clipped to [0, ceiling]; above 1, voxels brighter "
@@ -355,9 +359,13 @@ class PreprocessConfig(_Section):
         default=2.0, ge=0.0, le=10.0,
         description="erode the template brain mask by this much, so that scalp and CSF at the "
                     "brain's edge that affine alignment leaves are not scored")
-    normalise: bool = Field(
-        default=True, description="divide the registered brain by its 99th-percentile "
-                                  "intensity (inside the brain mask)")
+    normalise: Normalisation = Field(
+        default="median",
+        description="intensities of the registered scan, measured inside the brain mask (the "
+                    "head without skull stripping): `median` maps the median to where the "
+                    "template's median lies when its 99th percentile is 1, which a lesion "
+                    "barely moves; `p99` divides by the 99th percentile, which a large bright "
+                    "lesion raises (and darkens the rest of the scan); `none` keeps them")
     threads: int = Field(default=1, ge=1, le=64,
                          description="threads for N4 and registration; 1 gives the same bytes "
                                      "on every run")
@@ -369,6 +377,14 @@ class PreprocessConfig(_Section):
         default=0.75, ge=0.0, le=1.0,
         description="quality control: the overlap of the registered scan's head with the "
                     "template's head below which the registration failed")
+
+    @field_validator("normalise", mode="before")
+    @classmethod
+    def _boolean(cls, value: Any) -> Any:
+        """model.yaml files written before the choice hold a bool: true meant ``p99``."""
+        if isinstance(value, bool):
+            return "p99" if value else "none"
+        return value
 
     @model_validator(mode="after")
     def _check_steps(self) -> PreprocessConfig:
@@ -415,6 +431,19 @@ class Config(_Section):
                              "samples from pure noise and must learn every level")
         if limit is not None and self.task == "anomaly" and max(self.anomaly.noise_levels) >= limit:
             raise ValueError(f"anomaly.noise_levels must stay below train.max_timestep ({limit})")
+        return self
+
+    @model_validator(mode="after")
+    def _check_intensities(self) -> Config:
+        if self.data.intensity_percentiles is not None:
+            return self
+        if self.task in ("denoise", "superres"):
+            raise ValueError(f"data.intensity_percentiles: a {self.task} model maps its output "
+                             "back to the scan's intensities through them; it cannot be null")
+        if self.preprocess.registration == "none" or self.preprocess.normalise == "none":
+            raise ValueError("data.intensity_percentiles: null keeps the intensities the "
+                             "preprocessing normalised, so it needs preprocess.registration and "
+                             "preprocess.normalise")
         return self
 
     def trained_timesteps(self) -> int:

@@ -32,6 +32,9 @@ NOISE_SCHEDULES = ("linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine"
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 """What the network predicts (``diffusion.prediction_type``)."""
 
+LOSS_WEIGHTINGS = ("uniform", "min_snr")
+"""How the training loss weighs noise levels (``train.loss_weighting``; ``training.loss``)."""
+
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 """Mixed precision (``train.amp``)."""
 
@@ -46,6 +49,9 @@ REGISTRATIONS = ("none", "rigid", "affine")
 
 TEMPLATES = ("mni152-2009c-t1", "mni152-2009c-t2")
 """Packaged head templates (MNI ICBM152 2009c, 2 mm; ``preprocess.template``)."""
+
+NORMALISATIONS = ("none", "p99", "median")
+"""Intensity normalisation of a registered brain (``preprocess.normalise``)."""
 
 SKULL_STRIPS = ("none", "template")
 """Brain extraction (``preprocess.skull_strip``): the template's brain mask after registration."""
@@ -66,8 +72,10 @@ __all__ = [
     "ENCODINGS",
     "FUSIONS",
     "INFERENCE_BACKENDS",
+    "LOSS_WEIGHTINGS",
     "NOISE_KINDS",
     "NOISE_SCHEDULES",
+    "NORMALISATIONS",
     "PREDICTION_TYPES",
     "REGISTRATIONS",
     "RESAMPLE_MODES",

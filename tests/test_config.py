@@ -110,3 +110,14 @@ def test_sampler_registry_matches_the_samplers():
     from medidiff.diffusion import SAMPLERS
 
     assert tuple(SAMPLERS) == names.SAMPLERS
+
+
+def test_intensities_kept_from_the_preprocessing_need_a_registration_that_normalises():
+    raw = ["preprocess.registration=affine", "data.intensity_percentiles=null"]
+    assert from_dict(apply_overrides({}, raw)).data.intensity_percentiles is None
+    with pytest.raises(ConfigError, match="needs preprocess.registration"):
+        from_dict(apply_overrides({}, ["data.intensity_percentiles=null"]))
+    with pytest.raises(ConfigError, match="needs preprocess.registration"):
+        from_dict(apply_overrides({}, [*raw, "preprocess.normalise=none"]))
+    with pytest.raises(ConfigError, match="cannot be null"):
+        from_dict(apply_overrides({}, [*raw, "task=denoise"]))

@@ -123,3 +123,28 @@ def test_preprocess_command_writes_scan_mask_transform_and_picture(posed, tmp_pa
                            "--out", str(tmp_path / "again"), "--no-tracking", str(scan))
     assert code == 0 and (cached[0] / "qc.json").stat().st_mtime_ns == stamp
     assert json.loads((out / "preprocess_settings.json").read_text())["registration"] == "affine"
+
+
+def test_a_large_bright_lesion_does_not_darken_the_brain_under_median_normalisation():
+    from medidiff.preprocess.pipeline import intensity_scale
+
+    template = load_template("mni152-2009c-t1")
+    healthy = template.head[template.brain]
+    rng = np.random.default_rng(0)
+    subject = healthy * rng.uniform(0.9, 1.1) + rng.normal(0, 0.01, healthy.size)
+    lesioned = subject.copy()
+    lesioned[rng.choice(subject.size, subject.size // 25, replace=False)] = 1.5 * subject.max()
+    reference = healthy
+    for method, at_most, at_least in (("median", 0.03, 0.0), ("p99", np.inf, 0.15)):
+        change = intensity_scale(lesioned, reference, method) / intensity_scale(
+            subject, reference, method) - 1
+        assert at_least <= abs(change) <= at_most, (method, change)
+    # on a healthy scan both scales agree to a few percent (the median is put on the p99 scale)
+    ratio = intensity_scale(subject, reference, "median") / intensity_scale(subject, reference, "p99")
+    assert abs(ratio - 1) < 0.1, ratio
+
+
+def test_normalise_reads_the_boolean_of_older_model_files():
+    assert PreprocessConfig(normalise=True).normalise == "p99"
+    assert PreprocessConfig(normalise=False).normalise == "none"
+    assert PreprocessConfig().normalise == "median"

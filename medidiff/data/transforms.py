@@ -106,7 +106,10 @@ def volume_transforms(
 
 
 def scale_intensity(cfg: DataConfig, image_key: str = "image") -> list:
-    """The intensity percentiles to [0, 1], clipped to [0, ``cfg.intensity_ceiling``]."""
+    """The intensity percentiles to [0, 1], clipped to [0, ``cfg.intensity_ceiling``]; without
+    percentiles (the preprocessing normalised the scan) the clip alone."""
+    if cfg.intensity_percentiles is None:
+        return [Clampd(keys=image_key, high=cfg.intensity_ceiling)]
     low, high = cfg.intensity_percentiles
     scale = ScaleIntensityRangePercentilesd(keys=image_key, lower=low, upper=high, b_min=0.0,
                                             b_max=1.0, clip=cfg.intensity_ceiling == 1.0)

@@ -212,6 +212,24 @@ def load_model(folder: str | Path, task: Any, device: str = "cpu") -> LoadedMode
                        dict(meta.get("info") or {}), weights_sha256=weights["sha256"].lower())
 
 
+def preprocessing_summary(cfg: Config) -> str:
+    p = cfg.preprocess
+    if not p.enabled:
+        return "none (scans already aligned)"
+    steps = ["N4 bias correction" if p.bias_correction == "n4" else "",
+             f"{p.registration} registration to {p.template}" if p.registration != "none" else "",
+             f"template brain mask (eroded {p.mask_erosion_mm:g} mm)"
+             if p.skull_strip == "template" else ""]
+    return ", ".join(s for s in steps if s)
+
+
+def intensity_summary(cfg: Config) -> str:
+    if cfg.data.intensity_percentiles is None:
+        return (f"intensities normalised by the brain's {cfg.preprocess.normalise}, clipped at "
+                f"{cfg.data.intensity_ceiling:g}")
+    return f"percentile scaling {list(cfg.data.intensity_percentiles)} to [0, 1]"
+
+
 def model_card(cfg: Config, meta: dict[str, Any]) -> str:
     info = meta.get("info", {})
     lines = [
@@ -224,8 +242,8 @@ def model_card(cfg: Config, meta: dict[str, Any]) -> str:
         f"final loss {info.get('final_loss', '?')}",
         f"- training data fingerprint: {info.get('data_fingerprint', '?')} "
         f"({info.get('training_scans', '?')} scans)",
-        f"- preprocessing: RAS, spacing {cfg.data.spacing} mm, percentile scaling "
-        f"{list(cfg.data.intensity_percentiles)} to [0, 1], grid {cfg.data.size}",
+        f"- preprocessing: {preprocessing_summary(cfg)}, RAS, spacing {cfg.data.spacing} mm, "
+        f"{intensity_summary(cfg)}, grid {cfg.data.size}",
         "",
         "Intended use: research. Not a medical device; outputs need expert review.",
         "",

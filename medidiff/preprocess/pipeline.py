@@ -85,6 +85,20 @@ class Preprocessed:
         return path
 
 
+def intensity_scale(values: np.ndarray, reference: np.ndarray, method: str) -> float:
+    """What a registered scan is divided by, from its voxels inside the brain (or head).
+
+    ``p99``: their 99th percentile, which a bright lesion of a few percent of the brain raises,
+    darkening every healthy voxel. ``median``: their median, mapped to where the template's
+    median lies in units of its 99th percentile, so healthy scans come out on the ``p99`` scale
+    while a lesion moves the median by a fraction of its own share of the voxels.
+    """
+    if method == "p99":
+        return max(float(np.percentile(values, 99)), 1e-6)
+    ratio = float(np.median(reference)) / max(float(np.percentile(reference, 99)), 1e-6)
+    return max(float(np.median(values)) / ratio, 1e-6)
+
+
 @contextlib.contextmanager
 def _threads(count: int):
     """ITK's thread count for the block (a fixed count gives the same bytes every run)."""
@@ -141,7 +155,7 @@ class Preprocessor:
         qc = quality.measure(moved / max(float(scale), 1e-6), moved_head, template)
         failures = quality.failures(qc, self.cfg.min_correlation, self.cfg.min_head_dice)
         brain = None
-        keep = moved_head
+        keep, template_keep = moved_head, template.head_mask
         if self.cfg.skull_strip == "template":
             spacing = float(np.linalg.norm(template.affine[:3, 0]))
             steps = int(round(self.cfg.mask_erosion_mm / spacing))
@@ -150,8 +164,9 @@ class Preprocessor:
                 mask = ndimage.binary_erosion(mask, iterations=steps)
             brain = mask.astype(np.uint8)
             moved = moved * brain
-            keep = mask
-        if self.cfg.normalise and keep.any():
-            moved = moved / max(float(np.percentile(moved[keep], 99)), 1e-6)
+            keep = template_keep = mask
+        if self.cfg.normalise != "none" and keep.any():
+            reference = template.head[template_keep]
+            moved = moved / intensity_scale(moved[keep], reference, self.cfg.normalise)
         return Preprocessed(moved.astype(np.float32), template.affine.copy(), native_shape,
                             native_affine, transform, brain, qc, failures)
