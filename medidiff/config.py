@@ -36,6 +36,7 @@ SamplerName = one_of(names.SAMPLERS)
 ScheduleName = one_of(names.NOISE_SCHEDULES)
 PredictionType = one_of(names.PREDICTION_TYPES)
 AmpMode = one_of(names.AMP_MODES)
+LossWeighting = one_of(names.LOSS_WEIGHTINGS)
 NoiseKind = one_of(names.NOISE_KINDS)
 EncodingName = one_of(names.ENCODINGS)
 FusionName = one_of(names.FUSIONS)
@@ -152,8 +153,9 @@ class TrainConfig(_Section):
         description="EMA of the weights; the model folder holds the EMA weights")
     amp: AmpMode = Field(
         default="auto",
-        description="mixed precision: `auto` (bf16 on GPUs that support it, else fp16; off on "
-                    "CPU), `off`, `bf16`, `fp16`")
+        description="mixed precision: `auto` (bf16 on GPUs that support it, else fp16; on the "
+                    "CPU bf16 where it has bf16 instructions (AVX512-BF16 or AMX), else off), "
+                    "`off`, `bf16`, `fp16`")
     checkpoint_every: int = Field(
         default=200, ge=1, description="steps between checkpoints (`checkpoints/last.pt`, atomic)")
     checkpoint_minutes: float | None = Field(
@@ -170,6 +172,14 @@ class TrainConfig(_Section):
     max_minutes: float | None = Field(
         default=None, gt=0,
         description="stop after this wall-clock budget (the model is written as usual)")
+    loss_weighting: LossWeighting = Field(
+        default="uniform",
+        description="`uniform`: the DDPM loss (every noise level weighs the same in the "
+                    "prediction target's MSE); `min_snr`: Min-SNR-gamma (Hang et al. 2023), the "
+                    "x0 error weighted by min(SNR, min_snr_gamma), which stops the nearly clean "
+                    "levels from dominating and converges faster")
+    min_snr_gamma: float = Field(default=5.0, gt=0,
+                                 description="the SNR cap of `loss_weighting: min_snr`")
     max_timestep: int | None = Field(
         default=None, ge=1,
         description="train on noise levels below this only: a model used from partial noise "

@@ -96,7 +96,8 @@ def test_old_model_yaml_with_data_augment_still_loads():
     ("segment.encoding", names.ENCODINGS), ("segment.resample", names.RESAMPLE_MODES),
     ("diffusion.schedule", names.NOISE_SCHEDULES),
     ("diffusion.prediction_type", names.PREDICTION_TYPES), ("train.amp", names.AMP_MODES),
-    ("denoise.noise", names.NOISE_KINDS),
+    ("denoise.noise", names.NOISE_KINDS), ("train.loss_weighting", names.LOSS_WEIGHTINGS),
+    ("preprocess.normalise", names.NORMALISATIONS),
 ])
 def test_names_come_from_the_registry_and_errors_list_them(key, valid):
     for name in valid:

@@ -203,3 +203,17 @@ def test_training_imports_no_task():
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not [n for n in names if n.startswith("medidiff.tasks")], path.name
+
+
+def test_auto_mixed_precision_on_the_cpu_follows_its_bf16_instructions(monkeypatch):
+    from medidiff import runtime
+
+    cfg = load_config(TINY)
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    assert runtime.amp_dtype(cfg, cpu) == torch.bfloat16
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    assert runtime.amp_dtype(cfg, cpu) is None
+    cfg.train.amp = "off"
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    assert runtime.amp_dtype(cfg, cpu) is None

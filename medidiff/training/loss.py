@@ -31,6 +31,10 @@ class VPLoss:
     def __init__(self, max_timestep: int):
         self.max_timestep = int(max_timestep)
 
+    def weight(self, schedule: NoiseSchedule, t: torch.Tensor) -> torch.Tensor | None:
+        """Per-example weight of the MSE at timesteps ``t`` (None: all equal)."""
+        return None
+
     def __call__(self, net: Any, inputs: Any, schedule: NoiseSchedule,
                  generator: torch.Generator) -> torch.Tensor:
         target = inputs.target
@@ -42,9 +46,34 @@ class VPLoss:
             x_t = torch.cat([x_t, inputs.condition], dim=1)
         pred = net(x_t, timesteps=t, class_labels=inputs.class_labels)
         goal = schedule.training_target(target, noise, t)
-        return torch.nn.functional.mse_loss(pred.float(), goal.float())
+        weight = self.weight(schedule, t)
+        if weight is None:
+            return torch.nn.functional.mse_loss(pred.float(), goal.float())
+        error = (pred.float() - goal.float()).pow(2).flatten(1).mean(dim=1)
+        return (weight.to(error.device) * error).mean()
+
+
+class MinSNRLoss(VPLoss):
+    """Min-SNR-gamma weighting (Hang et al., "Efficient Diffusion Training via Min-SNR Weighting
+    Strategy", ICCV 2023): the x0 error of each noise level weighs min(SNR, gamma), written for
+    the network's prediction target; nearly clean levels no longer dominate the gradient."""
+
+    def __init__(self, max_timestep: int, gamma: float = 5.0):
+        super().__init__(max_timestep)
+        self.gamma = float(gamma)
+
+    def weight(self, schedule: NoiseSchedule, t: torch.Tensor) -> torch.Tensor:
+        abar = schedule.alphas_cumprod[t.cpu()]
+        snr = abar / (1.0 - abar)
+        capped = snr.clamp(max=self.gamma)
+        # the x0 MSE is the eps MSE / SNR and the v MSE / (SNR + 1)
+        per_target = {"epsilon": snr, "v_prediction": snr + 1.0, "sample": torch.ones_like(snr)}
+        return (capped / per_target[schedule.prediction_type]).float()
 
 
 def loss_from_config(cfg: Config) -> VPLoss:
-    """The loss a config trains with: timesteps below ``cfg.trained_timesteps()``."""
+    """The loss a config trains with: timesteps below ``cfg.trained_timesteps()``, weighted
+    as ``train.loss_weighting`` says."""
+    if cfg.train.loss_weighting == "min_snr":
+        return MinSNRLoss(cfg.trained_timesteps(), cfg.train.min_snr_gamma)
     return VPLoss(max_timestep=cfg.trained_timesteps())
