@@ -214,8 +214,10 @@ class AnomalyConfig(_Section):
                     "space (as the z-score baseline) and at least 3 validation scans, otherwise "
                     "the map stays the raw residual")
     score_top_fraction: float = Field(
-        default=0.01, gt=0, le=1,
-        description="per-scan score: mean of this top share of foreground map values")
+        default=0.001, gt=0, le=1,
+        description="per-scan score: mean of this top share of foreground map values (0.001 "
+                    "of a brain is about 1 ml; a larger share dilutes a small lesion in healthy "
+                    "voxels: on a development set scan AUROC 0.92 against 0.82 at 0.01)")
     target_fpr: float = Field(
         default=0.01, gt=0, lt=1,
         description="voxel false-positive rate on healthy validation scans for the mask threshold")

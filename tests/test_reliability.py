@@ -617,7 +617,7 @@ _yaml_values = st.recursive(
     max_leaves=6,
 )
 _META_KEYS = ["weights", "weights.file", "weights.sha256", "calibration",
-              "calibration.entries", "calibration.ood", "calibration.ood.mean_map", "info",
+              "calibration.entries", "calibration.ood", "calibration.ood.median_map", "info",
               "task", "format", "config", "config.model", "config.data", "config.anomaly"]
 
 

@@ -91,7 +91,8 @@ def _calibrate(model_dir, data_dir, device, methods, progress, overrides) -> dic
                 progress(method, i + 1, len(volumes))
         entries.append(calibration_entry(detector, grids, folder))
         if method == "diffusion":
-            ood = ood_ranges(grids, [e.get("qc", {}) for e in val])
+            ood = ood_ranges(grids, [e.get("qc", {}) for e in val],
+                             map_floor=entries[-1]["voxel_threshold"])
     keys = [e["settings"] for e in entries]
     kept = [e for e in previous.get("entries", []) if e.get("settings") not in keys]
     calibration = {"target_fpr": cfg.anomaly.target_fpr, "scan_fpr": cfg.anomaly.scan_fpr,
@@ -149,9 +150,12 @@ def standardise_healthy(detector: AnomalyDetector, grids: list[GridResult]) -> d
     return baselines.fit_zscore(residuals, smooth=RESIDUAL_SMOOTH)
 
 
-def ood_ranges(grids: list[GridResult], qc: list[dict] | None = None) -> dict[str, list[float]]:
+def ood_ranges(grids: list[GridResult], qc: list[dict] | None = None,
+               map_floor: float = 0.0) -> dict[str, list[float]]:
     """A wide healthy range of each scan statistic and registration quality number (min/max
-    of the healthy scans -+ 4 spreads)."""
+    of the healthy scans -+ 4 spreads). The map's median may reach at least ``map_floor`` (the
+    voxel threshold): below it less than half of the brain is flagged, which a lesion can do;
+    healthy medians are often all zero, which would leave no room at all."""
     stats = [{**g.stats, **{f"qc_{k}": v for k, v in (q or {}).items()}}
              for g, q in zip(grids, qc or [{}] * len(grids), strict=True)]
     ranges = {}
@@ -159,4 +163,6 @@ def ood_ranges(grids: list[GridResult], qc: list[dict] | None = None) -> dict[st
         values = np.array([s[name] for s in stats])
         spread = max(values.std(ddof=1) if len(values) > 1 else 0.0, 0.1 * abs(values.mean()))
         ranges[name] = [float(values.min() - 4 * spread), float(values.max() + 4 * spread)]
+    if "median_map" in ranges:
+        ranges["median_map"][1] = max(ranges["median_map"][1], float(map_floor))
     return ranges

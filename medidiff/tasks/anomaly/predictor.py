@@ -188,7 +188,10 @@ class AnomalyDetector(Predictor):
         grid.anomaly_map = postprocess(raw, fg, self.settings.median_kernel)
         grid.stats = {"foreground_fraction": float(fg.mean()),
                       "mean_intensity": float(image[fg].mean()) if fg.any() else 0.0,
-                      "mean_map": float(grid.anomaly_map[fg].mean()) if fg.any() else 0.0}
+                      # the median, not the mean: a large lesion raises a map's mean far
+                      # beyond the healthy range, but only a scan unlike the healthy ones as a
+                      # whole (another sequence, an artefact) raises its median
+                      "median_map": float(np.median(grid.anomaly_map[fg])) if fg.any() else 0.0}
         grid.score = scan_score(grid.anomaly_map, fg, self.settings.score_top_fraction)
         return grid
 
@@ -226,7 +229,7 @@ class AnomalyDetector(Predictor):
         reasons = []
         ranges = self.model.calibration.get("ood", {})
         for name, value in grid.stats.items():
-            if name == "mean_map" and self.method != "diffusion":
+            if name == "median_map" and self.method != "diffusion":
                 continue
             if name in ranges:
                 low, high = ranges[name]
