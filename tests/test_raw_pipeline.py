@@ -80,18 +80,39 @@ def ndilate(mask: np.ndarray) -> np.ndarray:
     return ndimage.binary_dilation(mask, iterations=3)
 
 
-def test_a_t2_head_given_to_the_t1_model_is_an_ood_row_not_a_map(raw_model, tmp_path):
+def _ct_head() -> tuple[np.ndarray, np.ndarray]:
+    """A CT-like head in Hounsfield units made from the T1 template: air -1000, bone (dark in
+    T1 inside the head, outside the brain) 1000, scalp 40, brain 25-40 with grey matter brighter
+    than white matter and CSF near 10, as CT shows them."""
     from medidiff.preprocess.template import load_template
 
-    t2 = load_template("mni152-2009c-t2")
-    scan = tmp_path / "t2.nii.gz"
-    nib.save(nib.Nifti1Image((t2.head * 1000).astype(np.int16), t2.affine), scan)
+    t1 = load_template("mni152-2009c-t1")
+    ct = np.full(t1.head.shape, -1000.0, np.float32)
+    head = t1.head_mask
+    ct[head] = np.where(t1.head[head] < 0.25, 1000.0, 40.0)
+    brain = t1.brain
+    ct[brain] = 10.0 + 30.0 * np.clip(1.6 - 1.6 * t1.head[brain], 0, 1)  # WM ~25, GM ~35
+    return ct, t1.affine
+
+
+@pytest.mark.parametrize("kind", ["t2", "ct"])
+def test_another_contrast_given_to_the_t1_model_is_an_ood_row_not_a_map(raw_model, tmp_path, kind):
+    from medidiff.preprocess.template import load_template
+
+    if kind == "t2":
+        t2 = load_template("mni152-2009c-t2")
+        volume, affine = t2.head * 1000, t2.affine
+    else:
+        volume, affine = _ct_head()
+    scan = tmp_path / f"{kind}.nii.gz"
+    nib.save(nib.Nifti1Image(volume.astype(np.int16), affine), scan)
     code, _, err = run_cli("anomaly", "score", "--model", str(raw_model), "--out",
                            str(tmp_path / "o"), "--no-tracking", "--draws", "1", str(scan))
-    assert code == 2 and "t2.nii.gz" in err and "registration failed" in err, err
+    assert code == 2 and f"{kind}.nii.gz" in err and "registration failed" in err, err
     rows = list(csv.DictReader((tmp_path / "o" / "scores.csv").open()))
-    assert rows[0]["case"] == "t2" and rows[0]["ood"] == "1" and "correlation" in rows[0]["ood_reason"]
-    assert not list((tmp_path / "o").glob("t2_*.nii.gz"))
+    assert rows[0]["case"] == kind and rows[0]["ood"] == "1"
+    assert "correlation" in rows[0]["ood_reason"]
+    assert not list((tmp_path / "o").glob(f"{kind}_*.nii.gz"))
 
 
 def test_segment_and_denoise_commands_run_on_a_raw_dicom_case(raw_data, tmp_path):
