@@ -8,16 +8,21 @@ same model and settings. Also: the z-score baseline after registration, the brai
 the registration against the known brain mask, the landmark error in mm, and the time that
 preprocessing adds to scoring.
 
-    medidiff demo --out demo                       # builds the raw data and trains the model
-    OMP_NUM_THREADS=2 python benchmarks/raw_scans.py --data demo/data --model demo/model \\
-        --work benchmarks/work/raw --write-docs
+    OMP_NUM_THREADS=2 python benchmarks/raw_scans.py --write-docs   # builds data and model
+    OMP_NUM_THREADS=2 python benchmarks/raw_scans.py --data demo/data --model demo/model
+
+Without ``--data``, a raw example data set of ``--subjects`` subjects (seed ``--seed``) is made
+under the work folder; without ``--model``, the ``cpu-small`` preset is trained on it as the
+demo trains it (``--train-set`` overrides its config).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -107,8 +112,7 @@ def markdown(result: dict) -> str:
     lines = [
         f"Machine: {result['machine']}. Model: `{result['model']}`, data: `{result['data']}` "
         f"({len(reg['cases'])} raw test scans).", "",
-        "Command: `OMP_NUM_THREADS=2 python benchmarks/raw_scans.py --data DEMO/data --model "
-        "DEMO/model --write-docs` (after `medidiff demo --out DEMO`).", "", *rows, "",
+        f"Command: `{result['command']}`.", "", *rows, "",
         f"- Native-space AP over template-space AP (diffusion): **{ratio:.2f}** (target >= 0.9).",
         f"- Brain mask against the known one: Dice {reg['mean_brain_dice']:.3f} (the template "
         f"mask as registered), {reg['mean_brain_dice_eroded']:.3f} (eroded by "
@@ -123,20 +127,46 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def ensure_data_and_model(args) -> None:
+    """The raw data set and the model the benchmark runs on, made when not given."""
+    if args.data is None:
+        args.data = args.work / f"data-{args.subjects}-seed{args.seed}"
+        if not (args.data / "dataset.json").is_file():
+            subprocess.run([sys.executable, "-m", "medidiff", "data", "example", str(args.data),
+                            "--raw", "--subjects", str(args.subjects), "--seed", str(args.seed)],
+                           check=True)
+    if args.model is None:
+        args.model = args.work / f"model-{args.data.name}"
+        if not (args.model / "model.yaml").is_file():
+            subprocess.run([sys.executable, "-m", "medidiff", "train",
+                            str(REPO / "configs" / "anomaly" / "cpu-small.yaml"),
+                            "--data", str(args.data), "--out", str(args.model), "--no-tracking",
+                            *[a for item in args.train_set for a in ("--set", item)],
+                            *(["--resume"] if args.model.exists() else [])], check=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, required=True, help="a raw example data set")
-    parser.add_argument("--model", type=Path, required=True, help="a model that registers")
+    parser.add_argument("--data", type=Path, help="a raw example data set (default: made)")
+    parser.add_argument("--model", type=Path, help="a model that registers (default: trained)")
+    parser.add_argument("--subjects", type=int, default=40, help="subjects of a made data set")
+    parser.add_argument("--seed", type=int, default=0, help="seed of a made data set")
+    parser.add_argument("--train-set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides for a trained model")
     parser.add_argument("--work", type=Path, default=REPO / "benchmarks" / "work" / "raw")
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
+    ensure_data_and_model(args)
     listing = json.loads((args.data / "dataset.json").read_text())
     if not listing.get("raw"):
         raise SystemExit(f"{args.data} is not a raw example data set (medidiff data example --raw)")
     tests = listing["test"]
     raw = [args.data / e["image"] for e in tests]
     copies, copy_masks = template_copies(tests, args.data, args.work)
-    result = {"machine": machine(), "model": str(args.model), "data": str(args.data)}
+    command = " ".join(["python benchmarks/raw_scans.py", *sys.argv[1:]])
+    threads = os.environ.get("OMP_NUM_THREADS")
+    result = {"machine": machine(), "model": str(args.model), "data": str(args.data),
+              "command": f"OMP_NUM_THREADS={threads} {command}" if threads else command}
     for space, inputs, labels in (("native", raw, args.data / "test" / "masks"),
                                   ("template", copies, copy_masks)):
         result[space] = {m: score(args.model, m, inputs, args.work / space / m, labels)
