@@ -127,6 +127,11 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def shown(path: Path, work: Path) -> str:
+    """A path as the results show it: relative to --work when the script made it there."""
+    return f"WORK/{path.relative_to(work)}" if path.is_relative_to(work) else str(path)
+
+
 def ensure_data_and_model(args) -> None:
     """The raw data set and the model the benchmark runs on, made when not given."""
     if args.data is None:
@@ -165,7 +170,8 @@ def main() -> None:
     copies, copy_masks = template_copies(tests, args.data, args.work)
     command = " ".join(["python benchmarks/raw_scans.py", *sys.argv[1:]])
     threads = os.environ.get("OMP_NUM_THREADS")
-    result = {"machine": machine(), "model": str(args.model), "data": str(args.data),
+    result = {"machine": machine(), "model": shown(args.model, args.work),
+              "data": shown(args.data, args.work),
               "command": f"OMP_NUM_THREADS={threads} {command}" if threads else command}
     for space, inputs, labels in (("native", raw, args.data / "test" / "masks"),
                                   ("template", copies, copy_masks)):
