@@ -15,7 +15,7 @@ demo: setup
 	$(VENV)/bin/medidiff demo --out demo
 
 # one pytest worker per core, one thread each (modules stay whole, so a module's fixtures are
-# built once): 6.2 min instead of 9.6 min on 2 cores
+# built once): 6.2-6.7 min instead of 9.6 min on 2 cores
 test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n auto --dist loadscope
 
