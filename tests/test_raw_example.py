@@ -57,6 +57,7 @@ def scan_grid(root: Path, entry: dict) -> tuple[tuple[int, ...], np.ndarray]:
 def test_layout_and_dataset_json(raw):
     root, index, calls = raw
     assert index["raw"] is True and index["seed"] == 0 and "MNI" in index["licence"]
+    assert index["anatomy_variability"] == 1.0
     assert index["numTraining"] + index["numValidation"] + index["numTest"] == SUBJECTS
     assert [c[:2] for c in calls] == [(i + 1, SUBJECTS) for i in range(SUBJECTS)]
     for entry in entries(index):
@@ -190,3 +191,23 @@ def test_cli_refuses_spacing_with_raw(tmp_path):
     code, _, err = run_cli("data", "example", str(tmp_path / "x"), "--raw", "--spacing", "3")
     assert code == 2 and "--spacing" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_anatomy_variability_scales_the_displacement_only():
+    tpl = head_template()
+    base = _deformation(tpl, np.random.default_rng(5))
+    wide = _deformation(tpl, np.random.default_rng(5), 2.5)
+    np.testing.assert_array_equal(wide["scale"], base["scale"])  # the same draws
+    np.testing.assert_allclose(wide["displacement"], 2.5 * base["displacement"], rtol=1e-5)
+    rigid = _deformation(tpl, np.random.default_rng(5), 0.0)
+    assert not rigid["displacement"].any()
+
+
+def test_cli_anatomy_variability_is_recorded_and_raw_only(tmp_path):
+    code, _, err = run_cli("data", "example", str(tmp_path / "x"), "--anatomy-variability", "2")
+    assert code == 2 and "--raw" in err and not (tmp_path / "x").exists()
+    code, _, err = run_cli("data", "example", str(tmp_path / "y"), "--raw", "--subjects", "4",
+                           "--anatomy-variability", "9")
+    assert code == 2 and "anatomy-variability" in err and not (tmp_path / "y").exists()
+    index = make_raw_dataset(tmp_path / "z", seed=0, subjects=4, anatomy_variability=0.5)
+    assert index["anatomy_variability"] == 0.5

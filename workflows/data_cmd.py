@@ -26,9 +26,13 @@ def data() -> None:
 @click.option("--raw", is_flag=True,
               help="Scans as a scanner writes them (skull on, random pose, native grids, int16, "
                    "some DICOM series), with ground truth for preprocessing.")
+@click.option("--anatomy-variability", type=click.FloatRange(0.0, 4.0), default=1.0,
+              show_default=True,
+              help="With --raw: multiplies each subject's smooth displacement from the template "
+                   "(1: at most 2-4 mm, about 1.2 mm on average).")
 @click.pass_context
 def example(ctx: click.Context, out_dir: str, seed: int, subjects: int, spacing: float,
-            raw: bool) -> None:
+            raw: bool, anatomy_variability: float) -> None:
     """Build the example data set from the MNI152 template that nilearn ships.
 
     Healthy train/val scans, test scans with synthetic lesions and their masks, tissue labels,
@@ -40,6 +44,8 @@ def example(ctx: click.Context, out_dir: str, seed: int, subjects: int, spacing:
     default = click.core.ParameterSource.DEFAULT
     if raw and ctx.get_parameter_source("spacing") is not default:
         raise click.UsageError("--spacing does not apply to --raw (each scan has its own grid)")
+    if not raw and ctx.get_parameter_source("anatomy_variability") is not default:
+        raise click.UsageError("--anatomy-variability applies to --raw only")
     if raw and ctx.get_parameter_source("subjects") is default:
         subjects = 24
 
@@ -53,7 +59,8 @@ def example(ctx: click.Context, out_dir: str, seed: int, subjects: int, spacing:
         if raw:
             from medidiff.data.raw import make_raw_dataset
 
-            make_raw_dataset(out_dir, seed=seed, subjects=subjects, progress=advance)
+            make_raw_dataset(out_dir, seed=seed, subjects=subjects, progress=advance,
+                             anatomy_variability=anatomy_variability)
             manifest = Path(out_dir) / "dataset.json"
         else:
             manifest = make_example_dataset(out_dir, seed=seed, subjects=subjects,

@@ -6,7 +6,7 @@ keeps its skull and comes in scanner form, with the ground truth a preprocessing
 
 1. a head of its own: the packaged MNI ICBM152 2009c T1 head template (2 mm), scaled per axis by
    0.92-1.08 about the head's centre and moved by a smooth elastic field (example.py's random
-   field); its brain mask and tissue labels (from nilearn's 2009a GM/WM maps, same MNI space)
+   field, at most 2-4 mm; ``anatomy_variability`` multiplies it); its brain mask and tissue labels (from nilearn's 2009a GM/WM maps, same MNI space)
    move with it. Test subjects get lesions inside the brain (``lesions.py``). This subject on
    the template's 2 mm grid is kept under ``registered/``.
 2. a random head pose (rotations up to 15 degrees about each axis, shifts up to 20 mm, about
@@ -136,8 +136,11 @@ def _world(affine: np.ndarray, coords: np.ndarray) -> np.ndarray:
 # -- one subject in template space -------------------------------------------------------------
 
 
-def _deformation(tpl: dict, rng: np.random.Generator) -> dict:
+def _deformation(tpl: dict, rng: np.random.Generator, variability: float = 1.0) -> dict:
     """A per-axis scaling about the head's centre and a smooth displacement (mm, RAS).
+
+    ``variability`` multiplies the displacement (largest shift 2 to 4 mm at 1, about 1.2 mm
+    on average), for data sets whose anatomy varies more than the default's.
 
     The map drawn is subject -> template: ``phi(x) = c + (x - c) / scale + d(x)``, with ``d``
     sampled on the template grid (the subject's grid too). A subject with ``scale`` > 1 is a
@@ -147,6 +150,8 @@ def _deformation(tpl: dict, rng: np.random.Generator) -> dict:
     scale = rng.uniform(0.92, 1.08, 3)
     displacement = _smooth_random_field(shape, 32.0, 2.0, 3, rng)
     displacement *= np.float32(rng.uniform(2.0, 4.0))  # largest shift, mm
+    if variability != 1.0:
+        displacement *= np.float32(variability)
     return {"scale": scale, "displacement": displacement, "centre": tpl["centre"]}
 
 
@@ -176,9 +181,10 @@ def _from_template(tpl: dict, field: dict, points_mm: np.ndarray) -> np.ndarray:
     return q
 
 
-def _subject(tpl: dict, seed: int, index: int, lesion: bool, attempt: int = 0) -> dict:
+def _subject(tpl: dict, seed: int, index: int, lesion: bool, attempt: int = 0,
+             variability: float = 1.0) -> dict:
     """The subject on the template grid: head (skull on), brain mask, labels, lesion mask."""
-    field = _deformation(tpl, np.random.default_rng([seed, _DEFORM, index]))
+    field = _deformation(tpl, np.random.default_rng([seed, _DEFORM, index]), variability)
     shape, affine = tpl["t1"].shape, tpl["affine"]
     grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij"))
     world = _to_template(tpl, field, _world(affine, grid).reshape(3, -1))
@@ -338,14 +344,15 @@ def _landmarks(tpl: dict, field: dict, pose: np.ndarray) -> dict:
             for i, name in enumerate(LANDMARKS_MM)}
 
 
-def _posed_subject(tpl: dict, kind: str, lesion: bool, seed: int, index: int) -> tuple:
+def _posed_subject(tpl: dict, kind: str, lesion: bool, seed: int, index: int,
+                   variability: float) -> tuple:
     """The subject, its pose, its native grid and the native voxel -> template voxel matrix.
 
     A lesion small enough to fall between thick slices would leave an empty mask on the native
     grid: it is drawn again (a further draw of the lesion stream) until the mask shows.
     """
     for attempt in range(8):
-        subject = _subject(tpl, seed, index, lesion, attempt)
+        subject = _subject(tpl, seed, index, lesion, attempt, variability)
         head_voxels = np.stack(np.nonzero(subject["image"] > HEAD_THRESHOLD)).astype(float)
         pose = _pose(_world(tpl["affine"], head_voxels).mean(axis=1),
                      np.random.default_rng([seed, _POSE, index]))
@@ -359,10 +366,11 @@ def _posed_subject(tpl: dict, kind: str, lesion: bool, seed: int, index: int) ->
 
 
 def _make_one(out_dir: Path, tpl: dict, name: str, role: str, kind: str, dicom: bool,
-              seed: int, index: int) -> dict:
+              seed: int, index: int, variability: float) -> dict:
     """Synthesise, pose, resample and write one subject; return its dataset.json entry."""
     folder = {"train": "train", "val": "val"}.get(role, "test")
-    subject, pose, grid, matrix = _posed_subject(tpl, kind, role == "test-lesion", seed, index)
+    subject, pose, grid, matrix = _posed_subject(tpl, kind, role == "test-lesion", seed, index,
+                                                 variability)
     shape, affine = grid["shape"], grid["affine"]
     posed = _resample(subject["image"], matrix, shape, 1)
     scan, scanner = _scanner_image(posed, grid, seed, index)
@@ -405,19 +413,25 @@ def _make_one(out_dir: Path, tpl: dict, name: str, role: str, kind: str, dicom: 
 
 
 def make_raw_dataset(out_dir: str | Path, seed: int = 0, subjects: int = 24,
-                     progress: Progress | None = None) -> dict:
+                     progress: Progress | None = None, anatomy_variability: float = 1.0) -> dict:
     """Build the raw example data set (see the module docstring); return the dataset.json index.
 
     Layout: ``{train,val,test}/images`` (``.nii.gz`` files or DICOM series folders),
     ``{train,val,test}/{labels,brains}``, ``test/masks``, ``registered/{images,brains,masks}``
     and ``dataset.json``, written last, so that its presence marks a complete data set.
     ``progress`` is called as ``progress(done, total, message)`` after each subject.
+    ``anatomy_variability`` multiplies each subject's smooth displacement from the template
+    (1: at most 2 to 4 mm; 0: the template's anatomy up to scaling).
     """
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
         raise InputError(None, f"seed must be a non-negative integer, got {seed!r}")
     seed = int(seed)
+    if not 0.0 <= float(anatomy_variability) <= 4.0:
+        raise InputError(None, "anatomy_variability must lie in [0, 4], "
+                         f"got {anatomy_variability!r}")
+    variability = float(anatomy_variability)
     roles = split_roles(int(subjects), seed)
     kinds = _acquisition_kinds(len(roles), seed)
     dicom = _dicom_subjects(roles, seed)
@@ -425,7 +439,8 @@ def make_raw_dataset(out_dir: str | Path, seed: int = 0, subjects: int = 24,
     lists = {"training": [], "validation": [], "test": []}
     for index, role in enumerate(roles):
         name = f"sub-{index:03d}"
-        entry = _make_one(out_dir, tpl, name, role, kinds[index], index in dicom, seed, index)
+        entry = _make_one(out_dir, tpl, name, role, kinds[index], index in dicom, seed, index,
+                          variability)
         lists[{"train": "training", "val": "validation"}.get(role, "test")].append(entry)
         if progress is not None:
             progress(index + 1, len(roles), f"{name} ({role}, {entry['format']})")
@@ -446,6 +461,7 @@ def make_raw_dataset(out_dir: str | Path, seed: int = 0, subjects: int = 24,
         ),
         "raw": True,
         "seed": seed,
+        "anatomy_variability": variability,
         "tensorImageSize": "3D",
         "modality": {"0": "T1"},
         "template_space": "MNI ICBM152 2009c, 2 mm (medidiff/preprocess/templates/t1_head.nii.gz)",
