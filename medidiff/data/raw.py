@@ -6,9 +6,10 @@ keeps its skull and comes in scanner form, with the ground truth a preprocessing
 
 1. a head of its own: the packaged MNI ICBM152 2009c T1 head template (2 mm), scaled per axis by
    0.92-1.08 about the head's centre and moved by a smooth elastic field (example.py's random
-   field, at most 2-4 mm; ``anatomy_variability`` multiplies it); its brain mask and tissue labels (from nilearn's 2009a GM/WM maps, same MNI space)
-   move with it. Test subjects get lesions inside the brain (``lesions.py``). This subject on
-   the template's 2 mm grid is kept under ``registered/``.
+   field, at most 2-4 mm; ``anatomy_variability`` multiplies it); its brain mask and tissue
+   labels (from nilearn's 2009a GM/WM maps, same MNI space) move with it. Test subjects get
+   lesions inside the brain (``lesions.py``). This subject on the template's 2 mm grid is kept
+   under ``registered/``.
 2. a random head pose (rotations up to 15 degrees about each axis, shifts up to 20 mm, about
    the head's centre): ``pose`` maps template-space world mm to native world mm (RAS).
 3. a native grid, one of three acquisitions (thick-slice axial, 2 mm sagittal 3D, coronal) in one
@@ -150,8 +151,7 @@ def _deformation(tpl: dict, rng: np.random.Generator, variability: float = 1.0) 
     scale = rng.uniform(0.92, 1.08, 3)
     displacement = _smooth_random_field(shape, 32.0, 2.0, 3, rng)
     displacement *= np.float32(rng.uniform(2.0, 4.0))  # largest shift, mm
-    if variability != 1.0:
-        displacement *= np.float32(variability)
+    displacement *= np.float32(variability)  # exact at 1
     return {"scale": scale, "displacement": displacement, "centre": tpl["centre"]}
 
 
@@ -181,8 +181,8 @@ def _from_template(tpl: dict, field: dict, points_mm: np.ndarray) -> np.ndarray:
     return q
 
 
-def _subject(tpl: dict, seed: int, index: int, lesion: bool, attempt: int = 0,
-             variability: float = 1.0) -> dict:
+def _subject(tpl: dict, seed: int, index: int, lesion: bool, attempt: int,
+             variability: float) -> dict:
     """The subject on the template grid: head (skull on), brain mask, labels, lesion mask."""
     field = _deformation(tpl, np.random.default_rng([seed, _DEFORM, index]), variability)
     shape, affine = tpl["t1"].shape, tpl["affine"]
