@@ -45,6 +45,8 @@ BiasCorrection = one_of(names.BIAS_CORRECTIONS)
 Registration = one_of(names.REGISTRATIONS)
 TemplateName = one_of(names.TEMPLATES)
 SkullStrip = one_of(names.SKULL_STRIPS)
+InputKind = one_of(names.INPUT_KINDS)
+ContrastName = one_of(names.CONTRASTS)
 Normalisation = one_of(names.NORMALISATIONS)
 InferenceBackend = one_of(names.INFERENCE_BACKENDS)
 
@@ -56,6 +58,12 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     """How scans become training examples (MONAI transforms, see ``medidiff.data.transforms``)."""
 
+    contrasts: list[ContrastName] | None = Field(
+        default=None,
+        description="the contrasts the model takes, in channel order, from those the data "
+                    "set's dataset.json names (`modality` or `channel_names`; a data set that "
+                    "names none is T1); null: all of them. Set when training starts and kept "
+                    "in model.yaml")
     spatial_dims: Literal[2, 3] = Field(
         default=2, description="2: the model sees slices of the volumes; 3: volumes or patches")
     slice_axis: Literal[0, 1, 2] = Field(
@@ -72,7 +80,8 @@ class DataConfig(_Section):
         default=(0.0, 99.5),
         description="percentiles of each scan mapped to 0 and 1; null: keep the intensities "
                     "`preprocess.normalise` gave the registered scan (a large bright lesion "
-                    "moves a scan's top percentiles, and with them every healthy voxel)")
+                    "moves a scan's top percentiles, and with them every healthy voxel); "
+                    "without registration the default percentiles are used")
     intensity_ceiling: float = Field(
         default=1.0, ge=1.0, le=10.0,
         description="intensities are then clipped to [0, ceiling]; above 1, voxels brighter "
@@ -361,8 +370,16 @@ class PreprocessConfig(_Section):
         default="none", description="align the scan to the head template (rigid or affine, "
                                     "mutual information, SimpleITK); outputs go back through "
                                     "the inverse")
+    input: InputKind = Field(
+        default="auto",
+        description="what a scan holds: `head` (skull on, as scanners give it: registered to "
+                    "the template head), `brain` (skull-stripped, as BraTS, ATLAS or HD-BET "
+                    "give it: registered to the template's brain), or `auto`: a brain when its "
+                    "foreground is brain-sized (below 2.2 l, or below 3.2 l with a zero "
+                    "background), else a head")
     template: TemplateName = Field(
-        default="mni152-2009c-t1", description="the head template registered to (packaged, "
+        default="auto", description="the head template registered to (`auto`: the one of the "
+                                    "model's first contrast; packaged, "
                                                "MNI ICBM152 2009c at 2 mm)")
     skull_strip: SkullStrip = Field(
         default="none", description="template: keep the template's brain mask (eroded by "
@@ -436,6 +453,16 @@ class Config(_Section):
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
 
     @model_validator(mode="after")
+    def _check_contrasts(self) -> Config:
+        contrasts = self.data.contrasts
+        if contrasts is not None:
+            if not contrasts or len(set(contrasts)) != len(contrasts):
+                raise ValueError("data.contrasts needs at least one contrast, none twice")
+            if self.preprocess.template == "auto":  # model.yaml names the template it used
+                self.preprocess.template = names.TEMPLATE_OF_CONTRAST[contrasts[0]]
+        return self
+
+    @model_validator(mode="after")
     def _check_max_timestep(self) -> Config:
         limit = self.train.max_timestep
         if limit is not None and self.task != "anomaly":
@@ -452,10 +479,15 @@ class Config(_Section):
         if self.task in ("denoise", "superres"):
             raise ValueError(f"data.intensity_percentiles: a {self.task} model maps its output "
                              "back to the scan's intensities through them; it cannot be null")
-        if self.preprocess.registration == "none" or self.preprocess.normalise == "none":
+        if self.preprocess.normalise == "none":
             raise ValueError("data.intensity_percentiles: null keeps the intensities the "
-                             "preprocessing normalised, so it needs preprocess.registration and "
-                             "preprocess.normalise")
+                             "preprocessing normalised, so it needs preprocess.normalise")
+        if self.preprocess.registration == "none":
+            # nothing normalises an unregistered scan: each scan's percentiles do, as they do
+            # for every model without registration (the README's recipe for scans already in
+            # template space turns registration off on a preset that keeps them)
+            self.data.intensity_percentiles = DataConfig.model_fields[
+                "intensity_percentiles"].default
         return self
 
     def trained_timesteps(self) -> int:

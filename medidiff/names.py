@@ -47,11 +47,24 @@ BIAS_CORRECTIONS = ("none", "n4")
 REGISTRATIONS = ("none", "rigid", "affine")
 """Registration of a scan to the head template (``preprocess.registration``)."""
 
-TEMPLATES = ("mni152-2009c-t1", "mni152-2009c-t2")
-"""Packaged head templates (MNI ICBM152 2009c, 2 mm; ``preprocess.template``)."""
+TEMPLATES = ("auto", "mni152-2009c-t1", "mni152-2009c-t2", "mni152-2009c-flair")
+"""Packaged head templates (MNI ICBM152 2009c, 2 mm; ``preprocess.template``); ``auto`` picks
+the one of the model's contrast."""
+
+TEMPLATE_OF_CONTRAST = {"t1": "mni152-2009c-t1", "t1ce": "mni152-2009c-t1",
+                        "t2": "mni152-2009c-t2", "pd": "mni152-2009c-t2",
+                        "flair": "mni152-2009c-flair"}
+"""The template ``preprocess.template: auto`` means for a model whose first contrast is the key."""
 
 NORMALISATIONS = ("none", "p99", "median")
 """Intensity normalisation of a registered brain (``preprocess.normalise``)."""
+
+CONTRASTS = ("t1", "t1ce", "t2", "flair", "pd")
+"""MR contrasts (``data.contrasts``; ``medidiff.data.contrasts`` maps the field's spellings)."""
+
+INPUT_KINDS = ("auto", "head", "brain")
+"""What a scan holds (``preprocess.input``): a head with skull, a skull-stripped brain, or
+detected per scan."""
 
 SKULL_STRIPS = ("none", "template")
 """Brain extraction (``preprocess.skull_strip``): the template's brain mask after registration."""
@@ -68,10 +81,12 @@ RUN_FORMATS = ("table", "csv", "json", "markdown")
 __all__ = [
     "AMP_MODES",
     "ANOMALY_METHODS",
+    "CONTRASTS",
     "BIAS_CORRECTIONS",
     "ENCODINGS",
     "FUSIONS",
     "INFERENCE_BACKENDS",
+    "INPUT_KINDS",
     "LOSS_WEIGHTINGS",
     "NOISE_KINDS",
     "NOISE_SCHEDULES",
@@ -84,5 +99,6 @@ __all__ = [
     "SCORING_PRESETS",
     "SKULL_STRIPS",
     "TASK_NAMES",
+    "TEMPLATE_OF_CONTRAST",
     "TEMPLATES",
 ]

@@ -113,12 +113,20 @@ def test_sampler_registry_matches_the_samplers():
     assert tuple(SAMPLERS) == names.SAMPLERS
 
 
-def test_intensities_kept_from_the_preprocessing_need_a_registration_that_normalises():
+def test_intensities_kept_from_the_preprocessing_need_a_normalisation():
     raw = ["preprocess.registration=affine", "data.intensity_percentiles=null"]
     assert from_dict(apply_overrides({}, raw)).data.intensity_percentiles is None
-    with pytest.raises(ConfigError, match="needs preprocess.registration"):
-        from_dict(apply_overrides({}, ["data.intensity_percentiles=null"]))
-    with pytest.raises(ConfigError, match="needs preprocess.registration"):
+    with pytest.raises(ConfigError, match="needs preprocess.normalise"):
         from_dict(apply_overrides({}, [*raw, "preprocess.normalise=none"]))
     with pytest.raises(ConfigError, match="cannot be null"):
         from_dict(apply_overrides({}, [*raw, "task=denoise"]))
+
+
+def test_the_template_space_recipe_turns_registration_off_on_the_demo_preset():
+    """README: scans already in template space train the cpu-small preset with registration,
+    skull stripping and bias correction off; each scan's percentiles then scale it."""
+    recipe = ["preprocess.registration=none", "preprocess.skull_strip=none",
+              "preprocess.bias_correction=none"]
+    cfg = load_config(REPO / "configs" / "anomaly" / "cpu-small.yaml", recipe)
+    assert cfg.data.intensity_percentiles == (0.0, 99.5)
+    assert not cfg.preprocess.enabled

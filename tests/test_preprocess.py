@@ -148,3 +148,39 @@ def test_normalise_reads_the_boolean_of_older_model_files():
     assert PreprocessConfig(normalise=True).normalise == "p99"
     assert PreprocessConfig(normalise=False).normalise == "none"
     assert PreprocessConfig().normalise == "median"
+
+
+def test_a_skull_stripped_brain_is_detected_and_registered_to_the_template_brain(posed):
+    image, affine, brain, _ = posed
+    stripped = image * brain  # as HD-BET or BraTS give it: zeros outside the brain
+    result = Preprocessor(AFFINE).run(stripped, affine)
+    assert result.kind == "brain" and not result.failures, (result.kind, result.failures)
+    assert Preprocessor(AFFINE).run(image, affine).kind == "head"
+    back = result.to_native(result.brain.astype(np.float32), nearest=True) > 0
+    dice = 2 * np.logical_and(back, brain).sum() / (back.sum() + brain.sum())
+    assert dice > 0.93, dice
+
+
+def test_a_head_declared_a_brain_fails_quality_control_with_a_hint(posed):
+    image, affine, _, _ = posed
+    declared = AFFINE.model_copy(update={"input": "brain"})
+    result = Preprocessor(declared).run(image, affine)
+    assert result.kind == "brain"
+    assert any("preprocess.input" in reason for reason in result.failures), result.failures
+
+
+def test_a_neck_in_the_field_of_view_does_not_throw_the_registration_off():
+    """The head moved 40 mm down a field of view that also holds 80 mm of neck: the centre of
+    mass lies far below the brain's, and a single centre-of-mass start is off by that much."""
+    image, affine, brain, _ = _posed_head(degrees=(12, 5, -10), shift=(5.0, 5.0, -20.0))
+    neck_slices = 27  # 80 mm at 3 mm
+    column = np.repeat(image[:, :, :1] * 0.9, neck_slices, axis=2)
+    extended = np.concatenate([column, image], axis=2)
+    grid = affine.copy()
+    grid[:3, 3] -= grid[:3, 2] * neck_slices
+    result = Preprocessor(AFFINE).run(extended, grid)
+    assert not result.failures, result.failures
+    back = result.to_native(result.brain.astype(np.float32), nearest=True) > 0
+    truth = np.concatenate([np.zeros(column.shape, bool), brain], axis=2)
+    dice = 2 * np.logical_and(back, truth).sum() / (back.sum() + truth.sum())
+    assert dice > 0.93, dice

@@ -182,7 +182,7 @@ def preprocess_split(cfg, data_dir, split: str, label_keys=()) -> None:
     from medidiff.data.datasets import read_split
     from medidiff.preprocess.cache import preprocess_entries
 
-    entries = read_split(data_dir, split)
+    entries = read_split(data_dir, split, cfg.data.contrasts)
     with progress_bar(len(entries), f"preprocess {split}", unit="scan") as bar:
         preprocess_entries(cfg.preprocess, entries, label_keys,
                            progress=lambda done, total: bar.update(done - bar.n))

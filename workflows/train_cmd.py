@@ -45,9 +45,11 @@ def train(config, data_dir, out_dir, overrides, resume, dry_run, calibrate, expe
 
 def train_and_calibrate(cfg, data_dir, out_dir, resume, tracker, calibrate, dist=None,
                         nested: bool = False):
+    from medidiff.data.datasets import resolve_contrasts
     from medidiff.tasks.registry import get_task
     from medidiff.training.trainer import run_training
 
+    cfg = resolve_contrasts(cfg, data_dir)
     rank = dist.rank if dist else 0
     if rank == 0:
         preprocess_split(cfg, data_dir, "training", get_task(cfg.task).label_keys)

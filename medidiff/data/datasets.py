@@ -14,9 +14,10 @@ import torch
 from monai.data import CacheDataset, Dataset
 from monai.transforms import Compose, RandSpatialCropd
 
-from medidiff.config import DataConfig
+from medidiff.config import Config, DataConfig
+from medidiff.data.contrasts import dataset_contrasts
 from medidiff.data.transforms import volume_transforms
-from medidiff.errors import InputError
+from medidiff.errors import ConfigError, InputError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # the keys of a dataset.json entry that hold paths (others: flags, numbers, descriptions)
@@ -27,12 +28,15 @@ def _is_nifti(path: Path) -> bool:
     return path.name.endswith(NIFTI_SUFFIXES)
 
 
-def read_split(data_dir: str | Path, split: str = "training") -> list[dict[str, str]]:
+def read_split(data_dir: str | Path, split: str = "training",
+               contrasts: list[str] | None = None) -> list[dict[str, str]]:
     """Entries (``{"image": path, ...}``, absolute paths) of a split of a data folder.
 
     With a ``dataset.json`` the split's list is used (``training``, ``validation`` or ``test``).
     Without it, every NIfTI file directly in the folder (or in its ``images/`` subfolder) is an
-    image of the training split.
+    image of the training split, a T1. ``contrasts`` picks, from a data set of several
+    contrasts (``image`` a list, one file per contrast, in the order ``data_contrasts`` gives),
+    those a model takes: ``image`` is then one path, or a list for several (None: all).
     """
     root = Path(data_dir)
     if not root.exists():
@@ -41,7 +45,10 @@ def read_split(data_dir: str | Path, split: str = "training") -> list[dict[str, 
         raise InputError(root, "is not a folder")
     manifest = root / "dataset.json"
     if manifest.is_file():
-        return _entries_from_manifest(manifest, split)
+        return _entries_from_manifest(manifest, split, contrasts)
+    if contrasts is not None and list(contrasts) != ["t1"]:
+        raise InputError(root, f"has no dataset.json naming its contrasts; a model of "
+                               f"{', '.join(contrasts)} needs one (modality or channel_names)")
     if split != "training":
         return []
     folder = root / "images" if (root / "images").is_dir() else root
@@ -51,27 +58,81 @@ def read_split(data_dir: str | Path, split: str = "training") -> list[dict[str, 
     return [{"image": str(p)} for p in files]
 
 
-def _entries_from_manifest(manifest: Path, split: str) -> list[dict[str, str]]:
+def _manifest(path: Path) -> dict:
     try:
-        spec = json.loads(manifest.read_text())
+        spec = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InputError(manifest, "is not valid JSON") from None
+        raise InputError(path, "is not valid JSON") from None
+    if not isinstance(spec, dict):
+        raise InputError(path, "must hold a JSON object")
+    return spec
+
+
+def data_contrasts(data_dir: str | Path) -> list[str]:
+    """The contrasts of a data folder, in channel order (a folder without dataset.json: T1)."""
+    manifest = Path(data_dir) / "dataset.json"
+    if not manifest.is_file():
+        return ["t1"]
+    return dataset_contrasts(_manifest(manifest), manifest)
+
+
+def resolve_contrasts(cfg: Config, data_dir: str | Path) -> Config:
+    """``cfg`` with ``data.contrasts`` set from the data folder when it is null (all of the
+    data set's), and the ``auto`` template resolved for the first of them; training records
+    both in model.yaml, so scoring reads scans of the same contrasts, registered alike."""
+    contrasts = cfg.data.contrasts or data_contrasts(data_dir)
+    if len(contrasts) > 1:
+        raise ConfigError(f"data.contrasts: {Path(data_dir)} holds {', '.join(contrasts)}; "
+                          "models of several contrasts at once are not supported yet: pick "
+                          f"one, e.g. --set data.contrasts=[{contrasts[-1]}]")
+    data = cfg.to_dict()
+    data["data"]["contrasts"] = list(contrasts)
+    return Config.model_validate(data)
+
+
+def _pick(manifest: Path, image, have: list[str], wanted: list[str]):
+    """The files of ``wanted`` contrasts from an entry's ``image`` (one path per contrast)."""
+    files = image if isinstance(image, list) else [image]
+    if len(files) != len(have):
+        raise InputError(manifest, f"an entry lists {len(files)} images for "
+                                   f"{len(have)} contrasts ({', '.join(have)})")
+    chosen = [files[have.index(c)] for c in wanted]
+    return chosen[0] if len(chosen) == 1 else chosen
+
+
+def _entries_from_manifest(manifest: Path, split: str,
+                           contrasts: list[str] | None = None) -> list[dict[str, str]]:
+    spec = _manifest(manifest)
+    have = dataset_contrasts(spec, manifest)
+    wanted = list(contrasts) if contrasts is not None else have
+    missing = [c for c in wanted if c not in have]
+    if missing:
+        raise InputError(manifest, f"has no {', '.join(missing)} scans (its contrasts: "
+                                   f"{', '.join(have)}); set data.contrasts to some of those")
     entries = spec.get(split, [])
     if not isinstance(entries, list):
         raise InputError(manifest, f"'{split}' must be a list")
     out = []
     for entry in entries:
-        item = {"image": entry} if isinstance(entry, str) else dict(entry)
+        item = {"image": entry} if isinstance(entry, str | list) else dict(entry)
         if "image" not in item:
             raise InputError(manifest, f"an entry of '{split}' has no 'image'")
+        item["image"] = _pick(manifest, item["image"], have, wanted)
         for key, value in item.items():
-            if key in PATH_KEYS and isinstance(value, str):
-                path = (manifest.parent / value).resolve()
-                if not path.exists():
-                    raise InputError(path, f"listed in {manifest.name} but does not exist")
-                item[key] = str(path)
+            if key in PATH_KEYS and isinstance(value, str | list):
+                item[key] = _resolved(manifest, value)
         out.append(item)
     return out
+
+
+def _resolved(manifest: Path, value):
+    """A path (or list of paths) of a dataset.json, absolute; refused when it does not exist."""
+    if isinstance(value, list):
+        return [_resolved(manifest, v) for v in value]
+    path = (manifest.parent / value).resolve()
+    if not path.exists():
+        raise InputError(path, f"listed in {manifest.name} but does not exist")
+    return str(path)
 
 
 def fingerprint(entries: list[dict[str, str]]) -> str:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medidiff.errors import InputError, MedidiffError
-from medidiff.io.discover import case_name, discover_inputs
+from medidiff.io.discover import case_name, discover_inputs, select_contrast
 from medidiff.io.write import atomic_write_text, safe_output_path
 
 
@@ -55,10 +55,14 @@ def collect_inputs(paths: Sequence[str | Path]) -> tuple[list[Path], list[CaseOu
 
 def inputs_of_part(inputs: Sequence[str | Path], part_id: int, num_parts: int,
                    on_case: Callable[[CaseOutcome], None] | None = None,
-                   ) -> tuple[list[Path], list[CaseOutcome]]:
+                   contrast: str | None = None) -> tuple[list[Path], list[CaseOutcome]]:
     """This part's share of the expanded inputs, and the inputs that cannot be used (each
-    reported through ``on_case``, by every part)."""
+    reported through ``on_case``, by every part). With ``contrast`` (a single-contrast
+    model's), scans whose names declare another contrast of the same inputs are left out
+    (``medidiff.io.discover.select_contrast``)."""
     paths, unusable = collect_inputs(inputs)
+    if contrast is not None:
+        paths = select_contrast(paths, contrast)
     for outcome in unusable:
         if on_case:
             on_case(outcome)

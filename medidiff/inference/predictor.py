@@ -287,7 +287,9 @@ class Predictor:
         reported once, through ``on_case``); finished cases are skipped unless ``overwrite``.
         ``progress(done, total)`` follows the cases.
         """
-        paths, unusable = inputs_of_part(inputs, part_id, num_parts, on_case)
+        contrasts = self.cfg.data.contrasts
+        paths, unusable = inputs_of_part(inputs, part_id, num_parts, on_case,
+                                         contrasts[0] if contrasts else None)
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         # what the outputs were computed with: the same file for any split of the inputs

@@ -133,3 +133,30 @@ def case_name(path: str | Path) -> str:
             break
     name = re.sub(r"[^\w.-]+", "_", name).strip("._")
     return name[:_CASE_NAME_MAX] or "case"
+
+
+_BIDS_SUFFIX = re.compile(r"_([A-Za-z0-9]+)$")
+
+
+def contrast_of_name(path: str | Path) -> str | None:
+    """The contrast a file's name declares with a BIDS suffix (``sub-1_FLAIR.nii.gz`` ->
+    ``flair``, ``sub-1_ses-1_T2w`` -> ``t2``), or None."""
+    from medidiff.data.contrasts import maybe_canonical
+
+    stem = case_name(path)
+    match = _BIDS_SUFFIX.search(stem)
+    return maybe_canonical(match.group(1)) if match else None
+
+
+def select_contrast(paths: Sequence[Path], contrast: str) -> list[Path]:
+    """The inputs of a single-contrast model among scans of several contrasts of a subject.
+
+    When the inputs name their contrasts with BIDS suffixes (``sub-1_T1w``, ``sub-1_T2w``,
+    ``sub-1_FLAIR``) and some are of ``contrast``, the others are left out, so a FLAIR model
+    scores a subject's folder of all three by its FLAIR scan. Inputs that name no contrast
+    are all kept (the model scores each, as always).
+    """
+    named = {p: contrast_of_name(p) for p in paths}
+    if not any(c == contrast for c in named.values()):
+        return list(paths)
+    return [p for p, c in named.items() if c in (contrast, None)]

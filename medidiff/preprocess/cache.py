@@ -29,7 +29,7 @@ from medidiff.preprocess.pipeline import Preprocessed, Preprocessor
 
 log = logging.getLogger("medidiff")
 
-VERSION = "2"  # bump when the preprocessing's output changes for the same settings
+VERSION = "3"  # bump when the preprocessing's output changes for the same settings
 IMAGE, BRAIN, TRANSFORM, QC = "image.nii.gz", "brain.nii.gz", "transform.tfm", "qc.json"
 # (Preprocessed.load reads the same names)
 
@@ -102,7 +102,8 @@ def _fill(folder: Path, preprocessor: Preprocessor, entry: dict, label_keys) -> 
             labels, label_affine = load_image(entry[key], labels=True)
             moved = result.from_native(labels[0], label_affine, nearest=True)
             save_nifti(np.rint(moved).astype(np.uint8), result.affine, tmp / f"{key}.nii.gz")
-        atomic_write_text(tmp / QC, json.dumps({"qc": result.qc, "failures": result.failures}))
+        atomic_write_text(tmp / QC, json.dumps({"qc": result.qc, "failures": result.failures,
+                                                  "kind": result.kind}))
         try:
             tmp.rename(folder)
         except OSError:  # another process filled it first: keep theirs

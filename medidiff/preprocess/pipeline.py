@@ -27,7 +27,7 @@ from medidiff.preprocess import quality
 from medidiff.preprocess.bias import head_mask, n4
 from medidiff.preprocess.register import register
 from medidiff.preprocess.space import from_sitk, reference, resample, to_sitk
-from medidiff.preprocess.template import load_template
+from medidiff.preprocess.template import load_template, template_for
 
 
 @dataclass
@@ -42,6 +42,7 @@ class Preprocessed:
     brain: np.ndarray | None = None  # uint8 brain mask on the grid, with skull stripping
     qc: dict[str, float] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
+    kind: str = "head"  # what the scan held: a head, or a skull-stripped brain
 
     def to_native(self, array: np.ndarray, nearest: bool = False) -> np.ndarray:
         """An array on the preprocessed grid, on the scan's own grid."""
@@ -68,7 +69,8 @@ class Preprocessed:
                    tuple(int(s) for s in native_shape), np.asarray(native_affine, np.float64),
                    sitk.ReadTransform(str(transform)) if transform.is_file() else None,
                    np.asarray(nib.load(brain).dataobj, np.uint8) if brain.is_file() else None,
-                   dict(qc.get("qc", {})), list(qc.get("failures", [])))
+                   dict(qc.get("qc", {})), list(qc.get("failures", [])),
+                   str(qc.get("kind", "head")))
 
     def save_transform(self, path: str | Path) -> Path | None:
         """The forward transform as an ITK text file (``.tfm``), written atomically."""
@@ -113,9 +115,10 @@ def _threads(count: int):
 class Preprocessor:
     """Runs a model's ``preprocess`` section on scans."""
 
-    def __init__(self, cfg: PreprocessConfig):
+    def __init__(self, cfg: PreprocessConfig, contrast: str = "t1"):
         self.cfg = cfg
-        self.template = load_template(cfg.template) if cfg.registration != "none" else None
+        self.template = (load_template(template_for(cfg.template, contrast))
+                         if cfg.registration != "none" else None)
 
     @property
     def registers(self) -> bool:
@@ -135,27 +138,35 @@ class Preprocessor:
         with _threads(self.cfg.threads):
             image = to_sitk(array, affine)
             head = head_mask(image)
+            kind = self.cfg.input if self.cfg.input != "auto" else input_kind(array, head)
             if self.cfg.bias_correction == "n4":
                 image = n4(image, head)
             if not self.registers:
                 out, grid = from_sitk(image)
-                return Preprocessed(out.astype(np.float32), grid, native_shape, native_affine)
-            return self._register(image, head, source, native_shape, native_affine)
+                return Preprocessed(out.astype(np.float32), grid, native_shape, native_affine,
+                                    kind=kind)
+            return self._register(image, head, kind, source, native_shape, native_affine)
 
-    def _register(self, image, head, source, native_shape, native_affine) -> Preprocessed:
+    def _register(self, image, head, kind, source, native_shape, native_affine) -> Preprocessed:
         template = self.template
-        fixed = to_sitk(template.head, template.affine)
+        # a skull-stripped scan goes to the template's brain, a head to its head
+        target = template.head * template.brain if kind == "brain" else template.head
+        target_mask = template.brain if kind == "brain" else template.head_mask
+        fixed = to_sitk(target, template.affine)
+        brain_region = to_sitk(template.brain.astype(np.float32), template.affine)
         try:
-            transform = register(image, fixed, self.cfg.registration)
+            transform = register(image, fixed, self.cfg.registration,
+                                 fixed_brain=brain_region if kind == "head" else None)
         except InputError as err:
             raise InputError(source, str(err)) from None
         moved = from_sitk(resample(image, fixed, transform))[0].astype(np.float32)
         moved_head = from_sitk(resample(head, fixed, transform, nearest=True))[0] > 0
-        scale = np.percentile(moved[moved_head], 99) if moved_head.any() else 0.0
-        qc = quality.measure(moved / max(float(scale), 1e-6), moved_head, template)
+        inside = from_sitk(resample(sitk.Cast(head * 0 + 1, sitk.sitkFloat32), fixed,
+                                    transform, nearest=True))[0] > 0  # the scan's field of view
+        qc = quality.measure(moved, moved_head, inside, target, target_mask, template.brain)
         failures = quality.failures(qc, self.cfg.min_correlation, self.cfg.min_head_dice)
         brain = None
-        keep, template_keep = moved_head, template.head_mask
+        keep, template_keep = moved_head, target_mask
         if self.cfg.skull_strip == "template":
             spacing = float(np.linalg.norm(template.affine[:3, 0]))
             steps = int(round(self.cfg.mask_erosion_mm / spacing))
@@ -165,8 +176,27 @@ class Preprocessor:
             brain = mask.astype(np.uint8)
             moved = moved * brain
             keep = template_keep = mask
+        if kind == "brain":  # what the scan's own skull stripping removed is no brain to measure
+            keep = keep & (moved > 0)
         if self.cfg.normalise != "none" and keep.any():
             reference = template.head[template_keep]
             moved = moved / intensity_scale(moved[keep], reference, self.cfg.normalise)
         return Preprocessed(moved.astype(np.float32), template.affine.copy(), native_shape,
-                            native_affine, transform, brain, qc, failures)
+                            native_affine, transform, brain, qc, failures, kind)
+
+
+BRAIN_MAX_LITRES = 2.2  # a skull-stripped brain (the template's: 1.9 l) with room for large ones
+BRAIN_MAX_LITRES_ZERO_BACKGROUND = 3.2  # a head with skull, even scaled by 0.88: above 3 l
+
+
+def input_kind(array: np.ndarray, foreground: sitk.Image) -> str:
+    """``brain`` for a skull-stripped scan, else ``head``: a brain's foreground is smaller than
+    any head's, and skull stripping leaves a background of exact zeros, which a magnitude image
+    of a head (noise everywhere) does not have."""
+    mask = np.asarray(sitk.GetArrayViewFromImage(foreground)).T > 0
+    litres = float(mask.sum()) * float(np.prod(foreground.GetSpacing())) / 1e6
+    background = array[~mask]
+    zeros = float(np.mean(background == 0)) if background.size else 0.0
+    if litres < BRAIN_MAX_LITRES or (litres < BRAIN_MAX_LITRES_ZERO_BACKGROUND and zeros > 0.5):
+        return "brain"
+    return "head"

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from medidiff.config import Config, dump_config
-from medidiff.data.datasets import fingerprint, read_split, training_dataset
+from medidiff.data.datasets import fingerprint, read_split, resolve_contrasts, training_dataset
 from medidiff.diffusion.schedule import NoiseSchedule
 from medidiff.errors import ConfigError, InputError
 from medidiff.io.write import atomic_write_text
@@ -93,6 +93,7 @@ class Trainer:
         if getattr(task, "name", None) != cfg.task:
             raise ConfigError(f"task: the config trains a '{cfg.task}' model but the task "
                               f"given is '{getattr(task, 'name', task)}'")
+        cfg = resolve_contrasts(cfg, data_dir)
         self.cfg, self.out_dir, self.task = cfg, Path(out_dir), task
         self.tracker = tracker or Tracker(enabled=False)
         self.progress = progress
@@ -100,7 +101,7 @@ class Trainer:
         self.device = select_device(cfg.train.device)
         self.loss = loss or loss_from_config(cfg)
         self.clock: Callable[[], float] = time.monotonic
-        raw = read_split(data_dir, "training")
+        raw = read_split(data_dir, "training", cfg.data.contrasts)
         if not raw:
             raise InputError(data_dir, "has no training scans")
         self.fingerprint = fingerprint(raw)

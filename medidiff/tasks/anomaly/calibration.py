@@ -21,7 +21,7 @@ from scipy.stats import norm
 from medidiff import metrics
 from medidiff.data.datasets import cached_volumes, fingerprint, read_split
 from medidiff.errors import InputError
-from medidiff.models.folder import LoadedModel, load_model, update_calibration
+from medidiff.models.folder import LoadedModel, load_model, read_model_config, update_calibration
 from medidiff.names import ANOMALY_METHODS
 from medidiff.preprocess.cache import preprocess_entries
 from medidiff.runtime import select_device
@@ -51,8 +51,10 @@ def calibrate(model_dir: str | Path, data_dir: str | Path, device: str = "auto",
         return _calibrate(model_dir, data_dir, device, methods, progress, overrides)
     with tracker.run("calibrate", nested=nested, tags={"stage": "calibrate"}):
         data = Path(data_dir).resolve()  # the validation scans as listed, before preprocessing
+        contrasts = read_model_config(model_dir).data.contrasts
         tracker.log_dataset(data.name or "validation",
-                            fingerprint(read_split(data, "validation")), data, "calibration")
+                            fingerprint(read_split(data, "validation", contrasts)), data,
+                            "calibration")
         calibration = _calibrate(model_dir, data_dir, device, methods, progress, overrides)
         for entry in calibration["entries"][:len(methods)]:
             method = entry["settings"]["method"]
@@ -70,7 +72,7 @@ def _calibrate(model_dir, data_dir, device, methods, progress, overrides) -> dic
     dev = select_device(device)
     model = load_model(folder, AnomalyTask(), device=str(dev))
     cfg = model.config
-    val = read_split(data_dir, "validation")
+    val = read_split(data_dir, "validation", cfg.data.contrasts)
     if not val:
         raise InputError(data_dir, "has no 'validation' scans (healthy scans to calibrate on)")
     val = preprocess_entries(cfg.preprocess, val)  # as every scored scan is
@@ -123,7 +125,8 @@ def calibration_entry(detector: AnomalyDetector, grids: list[GridResult], folder
 
 def fit_zscore_baseline(model: LoadedModel, data_dir: str | Path) -> dict[str, np.ndarray]:
     """Voxel-wise mean and std of the preprocessed training scans, saved in the model folder."""
-    train = preprocess_entries(model.config.preprocess, read_split(data_dir, "training"))
+    train = preprocess_entries(model.config.preprocess,
+                               read_split(data_dir, "training", model.config.data.contrasts))
     volumes = cached_volumes(model.config.data, [{"image": e["image"]} for e in train])
     stats = baselines.fit_zscore([np.asarray(v["image"][0]) for v in volumes])
     baselines.save_stats(stats, model.folder)
