@@ -394,7 +394,10 @@ class PreprocessConfig(_Section):
                     "head without skull stripping): `median` maps the median to where the "
                     "template's median lies when its 99th percentile is 1, which a lesion "
                     "barely moves; `p99` divides by the 99th percentile, which a large bright "
-                    "lesion raises (and darkens the rest of the scan); `none` keeps them")
+                    "lesion raises (and darkens the rest of the scan); `histogram`: the brain's "
+                    "5th-90th percentiles mapped piecewise linearly onto the template's (Nyul "
+                    "and Udupa 1999), which also removes gamma and contrast differences between "
+                    "scanners and heads; `none` keeps them")
     threads: int = Field(default=1, ge=1, le=64,
                          description="threads for N4 and registration; 1 gives the same bytes "
                                      "on every run")

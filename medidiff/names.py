@@ -56,7 +56,7 @@ TEMPLATE_OF_CONTRAST = {"t1": "mni152-2009c-t1", "t1ce": "mni152-2009c-t1",
                         "flair": "mni152-2009c-flair"}
 """The template ``preprocess.template: auto`` means for a model whose first contrast is the key."""
 
-NORMALISATIONS = ("none", "p99", "median")
+NORMALISATIONS = ("none", "p99", "median", "histogram")
 """Intensity normalisation of a registered brain (``preprocess.normalise``)."""
 
 CONTRASTS = ("t1", "t1ce", "t2", "flair", "pd")

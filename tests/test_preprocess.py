@@ -184,3 +184,21 @@ def test_a_neck_in_the_field_of_view_does_not_throw_the_registration_off():
     truth = np.concatenate([np.zeros(column.shape, bool), brain], axis=2)
     dice = 2 * np.logical_and(back, truth).sum() / (back.sum() + truth.sum())
     assert dice > 0.93, dice
+
+
+def test_histogram_standardisation_undoes_a_gamma_curve_and_keeps_a_lesion_bright():
+    from medidiff.preprocess.pipeline import standardise_histogram
+
+    template = load_template("mni152-2009c-t1")
+    brain = template.brain
+    reference = template.head[brain]
+    plain = standardise_histogram(template.head, reference, reference)
+    curved = standardise_histogram(template.head ** 1.4 * 700, (template.head ** 1.4 * 700)[brain],
+                                   reference)
+    assert np.abs(curved[brain] - plain[brain]).mean() < 0.02
+    lesioned = template.head.copy()  # a bright ball of 3% of the brain
+    centre = np.argwhere(brain).mean(axis=0)
+    ball = np.linalg.norm(np.indices(brain.shape).T - centre, axis=-1).T < 8
+    lesioned[ball] *= 1.6
+    out = standardise_histogram(lesioned, lesioned[brain], reference)
+    assert out[brain].max() > 1.3 * plain[brain].max()

@@ -101,6 +101,30 @@ def intensity_scale(values: np.ndarray, reference: np.ndarray, method: str) -> f
     return max(float(np.median(values)) / ratio, 1e-6)
 
 
+HISTOGRAM_LANDMARKS = (5.0, 10.0, 25.0, 50.0, 75.0, 90.0)
+
+
+def standardise_histogram(image: np.ndarray, values: np.ndarray,
+                          reference: np.ndarray) -> np.ndarray:
+    """Piecewise-linear histogram standardisation (Nyul and Udupa 1999): the brain's
+    percentiles ``HISTOGRAM_LANDMARKS`` go to the template's (on its 99th-percentile scale),
+    linearly between them and beyond them with the outer segments' slopes (zero stays zero).
+
+    Scanners, heads and sequences differ in gamma and tissue contrast, which one scale factor
+    (``median``) leaves; landmarks up to the 90th percentile keep a lesion of a few percent of
+    the brain from moving them much (a bright lesion stays bright above them).
+    """
+    src = np.percentile(values, HISTOGRAM_LANDMARKS)
+    dst = np.percentile(reference, HISTOGRAM_LANDMARKS) / max(np.percentile(reference, 99), 1e-6)
+    src = np.maximum.accumulate(src + np.arange(len(src)) * 1e-6)  # strictly increasing
+    xs, ys = np.concatenate([[0.0], src]), np.concatenate([[0.0], dst])
+    out = np.interp(image, xs, ys)
+    slope = (ys[-1] - ys[-2]) / max(xs[-1] - xs[-2], 1e-6)
+    above = image > xs[-1]
+    out[above] = ys[-1] + (image[above] - xs[-1]) * slope
+    return np.maximum(out, 0.0).astype(np.float32)
+
+
 @contextlib.contextmanager
 def _threads(count: int):
     """ITK's thread count for the block (a fixed count gives the same bytes every run)."""
@@ -178,7 +202,9 @@ class Preprocessor:
             keep = template_keep = mask
         if kind == "brain":  # what the scan's own skull stripping removed is no brain to measure
             keep = keep & (moved > 0)
-        if self.cfg.normalise != "none" and keep.any():
+        if self.cfg.normalise == "histogram" and keep.any():
+            moved = standardise_histogram(moved, moved[keep], template.head[template_keep])
+        elif self.cfg.normalise != "none" and keep.any():
             reference = template.head[template_keep]
             moved = moved / intensity_scale(moved[keep], reference, self.cfg.normalise)
         return Preprocessed(moved.astype(np.float32), template.affine.copy(), native_shape,
