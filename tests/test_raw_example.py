@@ -211,3 +211,178 @@ def test_cli_anatomy_variability_is_recorded_and_raw_only(tmp_path):
     assert code == 2 and "anatomy-variability" in err and not (tmp_path / "y").exists()
     index = make_raw_dataset(tmp_path / "z", seed=0, subjects=4, anatomy_variability=0.5)
     assert index["anatomy_variability"] == 0.5
+
+
+# -- several contrasts -------------------------------------------------------------------------
+
+CONTRASTS = ("t1", "t2", "flair")
+SUFFIXES = {"t1": "T1w", "t2": "T2w", "flair": "FLAIR"}
+
+
+@pytest.fixture(scope="module")
+def multi(tmp_path_factory):
+    out = tmp_path_factory.mktemp("raw-mc") / "data"
+    index = make_raw_dataset(out, seed=0, subjects=4, contrasts=("T1w", "t2", "FLAIR"))
+    assert json.loads((out / "dataset.json").read_text()) == index
+    return out, index
+
+
+def voxel_map(entry: dict, channel: int) -> np.ndarray:
+    """Channel ``channel``'s native voxel -> the first contrast's native voxel (4x4)."""
+    first, this = entry["channels"][0], entry["channels"][channel]
+    return (np.linalg.inv(grid_affine(first)) @ np.asarray(first["pose"])
+            @ np.linalg.inv(np.asarray(this["pose"])) @ grid_affine(this))
+
+
+def grid_affine(channel: dict) -> np.ndarray:
+    return channel["_affine"]
+
+
+def read_channels(root: Path, entry: dict) -> list[np.ndarray]:
+    """Each contrast's scan as load_image reads it; its affine is kept in the channel dict."""
+    arrays = []
+    for channel in entry["channels"]:
+        array, affine = load_image(root / channel["image"])
+        channel["_affine"] = np.asarray(affine, float)
+        arrays.append(np.asarray(array[0], np.float32))
+    return arrays
+
+
+def test_one_t1_contrast_keeps_the_single_contrast_layout(raw):
+    _, index, _ = raw
+    assert "contrasts" not in index and "channel_names" not in index
+    assert index["modality"] == {"0": "T1"} and index["description"].startswith("Synthetic raw T1")
+    for entry in entries(index):
+        assert "channels" not in entry and "lesion_kind" not in entry
+        assert isinstance(entry["image"], str) and isinstance(entry["registered"]["image"], str)
+        assert "_T1w" not in entry["image"]
+
+
+def test_contrasts_are_named_and_listed_in_contrast_order(multi):
+    root, index = multi
+    assert index["contrasts"] == list(CONTRASTS)
+    assert index["modality"] == index["channel_names"] == {"0": "T1", "1": "T2", "2": "FLAIR"}
+    assert "T1, T2, FLAIR" in index["description"]
+    for entry in entries(index):
+        name = Path(entry["label"]).name.removesuffix(".nii.gz")
+        split = entry["label"].split("/")[0]
+        tail = "" if entry["format"] == "dicom" else ".nii.gz"
+        assert entry["image"] == [f"{split}/images/{name}_{SUFFIXES[c]}{tail}" for c in CONTRASTS]
+        assert entry["registered"]["image"] == [f"registered/images/{name}_{SUFFIXES[c]}.nii.gz"
+                                                for c in CONTRASTS]
+        assert [c["contrast"] for c in entry["channels"]] == list(CONTRASTS)
+        for key in ("acquisition", "orientation", "spacing_mm", "shape", "pose", "gain",
+                    "noise_fraction", "format"):
+            assert entry[key] == entry["channels"][0][key]  # the first contrast at the top level
+        for rel in [*entry["image"], *entry["registered"]["image"], entry["label"],
+                    entry["brain"], entry["registered"]["brain"]]:
+            assert (root / rel).exists(), rel
+        assert (root / entry["image"][0]).is_dir() == (entry["format"] == "dicom")
+    assert {e["format"] for e in entries(index)} == {"nifti", "dicom"}
+    # one label, brain and mask per subject, not one per contrast
+    assert len(list((root / "test" / "masks").iterdir())) == index["numTest"]
+    assert not any("_T" in p.name or "FLAIR" in p.name for p in (root / "test").rglob("*")
+                   if p.parent.name in ("labels", "brains", "masks"))
+
+
+def test_each_contrast_has_its_own_grid_and_a_small_motion(multi):
+    root, index = multi
+    for entry in entries(index):
+        arrays = read_channels(root, entry)
+        for channel, array in zip(entry["channels"], arrays, strict=True):
+            assert list(array.shape) == channel["shape"]
+            assert "".join(nib.aff2axcodes(channel["_affine"])) == channel["orientation"]
+        first = entry["channels"][0]
+        for channel in entry["channels"][1:]:
+            other_grid = (channel["shape"] != first["shape"]
+                          or not np.allclose(channel["_affine"], first["_affine"]))
+            motion = np.asarray(channel["pose"]) @ np.linalg.inv(np.asarray(first["pose"]))
+            angle = np.degrees(np.arccos(np.clip((np.trace(motion[:3, :3]) - 1) / 2, -1, 1)))
+            assert 0 < angle <= 2.0 * 3**0.5 + 1e-6  # up to 2 degrees about each axis
+            assert other_grid or not np.allclose(motion, np.eye(4))
+    acquisitions = {c["acquisition"] for e in entries(index) for c in e["channels"]}
+    assert len(acquisitions) >= 2
+
+
+def test_dicom_contrasts_are_series_of_one_study(multi):
+    import pydicom
+
+    root, index = multi
+    entry = next(e for e in entries(index) if e["format"] == "dicom")
+    heads = [pydicom.dcmread(sorted((root / rel).iterdir())[0]) for rel in entry["image"]]
+    assert len({h.StudyInstanceUID for h in heads}) == 1
+    assert len({h.SeriesInstanceUID for h in heads}) == len(CONTRASTS)
+    assert [h.SeriesDescription.split()[1] for h in heads] == ["T1", "T2", "FLAIR"]
+
+
+def test_tissues_look_as_each_contrast_shows_them(multi):
+    """On each native scan (labels mapped through the poses): T2 CSF > GM > WM, FLAIR CSF dark."""
+    root, index = multi
+    for entry in entries(index)[:2]:
+        arrays = read_channels(root, entry)
+        labels, _ = load(root, entry["label"])
+        means = {}
+        for k, (contrast, array) in enumerate(zip(CONTRASTS, arrays, strict=True)):
+            matrix = voxel_map(entry, k)
+            mapped = ndi.affine_transform(labels, matrix[:3, :3], matrix[:3, 3],
+                                          output_shape=array.shape, order=0)
+            means[contrast] = {t: float(array[mapped == t].mean()) for t in (1, 2, 3)}
+        assert means["t1"][3] > means["t1"][2] > means["t1"][1], means
+        assert means["t2"][1] > means["t2"][3] and means["t2"][2] > means["t2"][3], means
+        assert means["flair"][1] < means["flair"][3] < means["flair"][2], means
+
+
+def test_one_lesion_mask_shows_in_every_contrast(multi):
+    root, index = multi
+    lesioned = [e for e in index["test"] if e["lesion"]]
+    assert lesioned and {e["lesion_kind"] for e in lesioned} <= {"ms", "tumour", "stroke"}
+    for entry in lesioned:
+        mask = load(root, entry["registered"]["mask"])[0] > 0
+        brain = load(root, entry["registered"]["brain"])[0] > 0
+        assert mask.any() and not np.any(mask & ~brain)
+        shell = ndi.binary_dilation(mask, iterations=3) & ~ndi.binary_dilation(mask) & brain
+        inside, around = {}, {}
+        for contrast, rel in zip(CONTRASTS, entry["registered"]["image"], strict=True):
+            image = load(root, rel)[0]
+            inside[contrast], around[contrast] = image[mask].mean(), image[shell].mean()
+        assert inside["t1"] < around["t1"], (inside, around)
+        assert inside["t2"] > around["t2"] and inside["flair"] > around["flair"], (inside, around)
+        assert load(root, entry["mask"])[0].any()  # visible on the first contrast's grid
+
+
+@pytest.mark.parametrize("kind", ["ms", "tumour", "stroke"])
+def test_lesion_kinds_are_dark_on_t1_and_bright_on_t2_and_flair(kind):
+    from medidiff.data.lesions_mc import add_contrast_lesions
+    from medidiff.data.raw import _subject
+
+    subject = _subject(head_template(), 0, 1, False, 0, 1.0, ("t1", "t2", "flair"))
+    images, labels = subject["images"], subject["labels"]
+    out, mask, info = add_contrast_lesions(images, labels, 2.0, np.random.default_rng(4), kind)
+    lesion = mask > 0
+    assert info["kind"] == kind and lesion.any() and not np.any(lesion & (labels == 0))
+    changed = np.zeros_like(lesion)
+    for contrast in images:
+        changed |= out[contrast] != images[contrast]
+    assert not np.any(changed & (labels == 0))  # nothing outside the brain
+    delta = {c: float((out[c] - images[c])[lesion].mean()) for c in images}
+    assert delta["t1"] < 0 < delta["t2"] and delta["flair"] > 0, delta
+    if kind == "ms":
+        assert lesion.sum() < 2000  # a few small ovoids
+
+
+def test_cli_contrasts_are_checked_and_raw_only(tmp_path):
+    code, _, err = run_cli("data", "example", str(tmp_path / "a"), "--contrasts", "t1,t2")
+    assert code == 2 and "--raw" in err and not (tmp_path / "a").exists()
+    for spec, words in (("t1,T1w", "more than once"), ("t1,dwi", "unknown contrast")):
+        code, _, err = run_cli("data", "example", str(tmp_path / "b"), "--raw", "--contrasts",
+                               spec)
+        assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "b").exists()
+
+
+def test_training_reads_one_contrast_of_the_multi_contrast_set(multi):
+    from medidiff.data.datasets import read_split
+
+    root, _ = multi
+    items = read_split(root, "training", ["flair"])
+    assert items and all(isinstance(i["image"], str) and "FLAIR" in i["image"] for i in items)

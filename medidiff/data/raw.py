@@ -20,6 +20,15 @@ keeps its skull and comes in scanner form, with the ground truth a preprocessing
 4. about one subject in four is written as a DICOM series folder instead of NIfTI; its ground
    truth lies on exactly the grid the project's reader returns for that folder.
 
+``contrasts`` (default ``("t1",)``, today's data set byte for byte) writes each subject in each
+contrast: T2 from the packaged 2009c T2 head (same grid as the T1), FLAIR synthesised from the T2
+and the tissue maps with the fluid nulled (``_flair``), PD as the T2 with less contrast. Every
+contrast shares the subject's deformation and its lesion mask (``lesions_mc.py``: MS-like,
+tumour with oedema or stroke-like, as each contrast shows them); each is acquired on a native
+grid of its own (an acquisition drawn per contrast) after a small extra rigid motion (up to 2
+degrees and 2 mm) on top of the subject's pose, with its own bias field, noise and gain. Labels,
+brain and lesion masks are written once, on the first contrast's grid.
+
 Each dataset.json entry carries the ``pose`` and ``landmarks``: fixed anatomical points in
 template MNI mm and the same points in native world mm after the subject's deformation and pose,
 so that registration errors can be measured in mm. Everything is deterministic from
@@ -31,6 +40,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
@@ -39,6 +49,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy.spatial.transform import Rotation
 
+from medidiff.data.contrasts import BIDS_SUFFIX, DISPLAY, canonical
 from medidiff.data.example import (
     LABELS,
     Progress,
@@ -54,6 +65,7 @@ from medidiff.data.example import (
     write_nifti,
 )
 from medidiff.data.lesions import add_lesion
+from medidiff.data.lesions_mc import add_contrast_lesions
 from medidiff.errors import InputError
 from medidiff.io.write import atomic_write_bytes, atomic_write_text, save_nifti
 
@@ -83,6 +95,15 @@ ACQUISITIONS = {
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 # Own random streams (example.py uses 0-4 for its own purposes).
 _DEFORM, _POSE, _GRID, _FORMAT, _LESION, _SCANNER, _NOISE = range(20, 27)
+# Streams of the contrasts after the first (the first keeps the streams above); torch noise of
+# the contrast in channel k > 0 comes from stream _CONTRAST_NOISE + k.
+_MOTION, _CONTRAST_GRID, _CONTRAST_SCANNER, _CONTRAST_LESION = range(27, 31)
+_CONTRAST_NOISE = 40
+CONTRASTS = ("t1", "t2", "flair", "pd")  # the contrasts this generator can write
+MOTION_DEG, MOTION_MM = 2.0, 2.0  # between the scans of one subject, about each axis
+# FLAIR from T2 (template units): T2 above FLUID[0] is partly fluid, pure at FLUID[1]; tissue
+# keeps half of T2's contrast above WM_T2 (the 2009c T2's white matter, about 0.42).
+FLUID, WM_T2, FLUID_SIGNAL = (0.6, 0.9), 0.42, 0.05
 
 
 # -- the template ------------------------------------------------------------------------------
@@ -110,8 +131,49 @@ def head_template() -> dict:
     arrays["t1"] *= head
     lo, hi = (affine[:3, :3] @ b + affine[:3, 3] for b in _bounds(head))
     tissue = load_template(2.0)
-    return {**arrays, "affine": affine, "centre": (lo + hi) / 2,
+    return {**arrays, "affine": affine, "centre": (lo + hi) / 2, "head": head,
             "gm": tissue.gm, "wm": tissue.wm, "gm_affine": tissue.affine}
+
+
+@cache
+def t2_template() -> np.ndarray:
+    """The packaged 2 mm 2009c T2 head (float32 in [0, 1]) on the T1's grid, inside its head."""
+    path = TEMPLATES / "t2_head.nii.gz"
+    if not path.is_file():
+        raise InputError(path, "packaged T2 head template missing; reinstall medidiff")
+    t2 = np.asarray(nib.load(path).dataobj, dtype=np.float32) / np.float32(255.0)
+    return (t2 * head_template()["head"]).astype(np.float32)
+
+
+def _flair(t2: np.ndarray, brain: np.ndarray, csf: np.ndarray) -> np.ndarray:
+    """A FLAIR from a T2: the fluid a voxel holds is nulled, the tissue keeps half T2's contrast.
+
+    Fluid is read from T2 brightness (CSF, and outside the brain the eyes) and, inside the brain,
+    from the CSF fraction of the tissue maps (``csf``, at the brain's voxels), since a voxel of
+    CSF and tissue is not bright on T2 yet is dark on FLAIR; that fraction, smoothed, also
+    spills over the brain mask's edge, so the CSF just outside it is nulled too. Inversion
+    recovery leaves the fluid ``FLUID_SIGNAL``; grey matter comes out a little brighter than
+    white matter.
+    """
+    fluid = np.clip((t2 - FLUID[0]) / (FLUID[1] - FLUID[0]), 0.0, 1.0)
+    in_csf = np.zeros_like(fluid)
+    in_csf[brain] = np.clip((csf - 0.2) / 0.6, 0.0, 1.0)
+    # spilt across the brain mask's edge, which is no edge in the image
+    fluid = np.maximum(fluid, np.maximum(in_csf, ndi.gaussian_filter(in_csf, 0.8)))
+    tissue = np.where(t2 > WM_T2, WM_T2 + 0.5 * (np.minimum(t2, FLUID[0]) - WM_T2), t2)
+    return ((1.0 - fluid) * tissue + fluid * FLUID_SIGNAL).astype(np.float32)
+
+
+def _contrast_images(t1, t2, brain, csf, contrasts) -> dict[str, np.ndarray]:
+    """The subject in each contrast (T1 always: it sets the head's extent)."""
+    images = {"t1": t1}
+    if "t2" in contrasts:
+        images["t2"] = t2
+    if "flair" in contrasts:
+        images["flair"] = _flair(t2, brain, csf)
+    if "pd" in contrasts:  # PD: T2's order of tissues with less contrast between them
+        images["pd"] = (t2 ** np.float32(0.6)).astype(np.float32)
+    return images
 
 
 def _head_mask(t1: np.ndarray) -> np.ndarray:
@@ -182,8 +244,9 @@ def _from_template(tpl: dict, field: dict, points_mm: np.ndarray) -> np.ndarray:
 
 
 def _subject(tpl: dict, seed: int, index: int, lesion: bool, attempt: int,
-             variability: float) -> dict:
-    """The subject on the template grid: head (skull on), brain mask, labels, lesion mask."""
+             variability: float, contrasts: tuple[str, ...] = ("t1",)) -> dict:
+    """The subject on the template grid: head (skull on) in each contrast (``images``, T1
+    always), brain mask, labels, lesion mask and the lesion's description (None without)."""
     field = _deformation(tpl, np.random.default_rng([seed, _DEFORM, index]), variability)
     shape, affine = tpl["t1"].shape, tpl["affine"]
     grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in shape], indexing="ij"))
@@ -192,32 +255,46 @@ def _subject(tpl: dict, seed: int, index: int, lesion: bool, attempt: int,
     image = _read(tpl["t1"], coords).reshape(shape)
     brain = (_read(tpl["brain"], coords) > 0.5).reshape(shape)
     inside = _world(np.linalg.inv(tpl["gm_affine"]), world[:, brain.ravel()])
+    gm, wm = _read(tpl["gm"], inside), _read(tpl["wm"], inside)
     labels = np.zeros(shape, np.uint8)
-    labels[brain] = _tissue_labels(_read(tpl["gm"], inside), _read(tpl["wm"], inside))
-    mask = np.zeros(shape, np.uint8)
-    if lesion:
-        lesion_rng = np.random.default_rng([seed, _LESION, index, attempt])
-        image, mask, _ = add_lesion(image, brain, 2.0, lesion_rng)
-    return {"image": image, "brain": brain.astype(np.uint8), "labels": labels, "mask": mask,
-            "field": field}
+    labels[brain] = _tissue_labels(gm, wm)
+    mask, info = np.zeros(shape, np.uint8), None
+    if contrasts == ("t1",):  # the T1 data set as it always was, with lesions.py's lesions
+        if lesion:
+            lesion_rng = np.random.default_rng([seed, _LESION, index, attempt])
+            image, mask, _ = add_lesion(image, brain, 2.0, lesion_rng)
+        images = {"t1": image}
+    else:
+        t2 = _read(t2_template(), coords).reshape(shape)
+        images = _contrast_images(image, t2, brain, 1.0 - gm - wm, contrasts)
+        if lesion:
+            lesion_rng = np.random.default_rng([seed, _CONTRAST_LESION, index, attempt])
+            images, mask, info = add_contrast_lesions(images, labels, 2.0, lesion_rng)
+    return {"images": images, "brain": brain.astype(np.uint8), "labels": labels, "mask": mask,
+            "field": field, "lesion": info}
 
 
 # -- pose and native grid ----------------------------------------------------------------------
 
 
-def _pose(centre: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Rigid 4x4 (template world mm -> native world mm): rotations <= 15 deg, shifts <= 20 mm."""
-    rotation = Rotation.from_euler("xyz", rng.uniform(-15.0, 15.0, 3), degrees=True).as_matrix()
+def _pose(centre: np.ndarray, rng: np.random.Generator, degrees: float = 15.0,
+          mm: float = 20.0) -> np.ndarray:
+    """Rigid 4x4 about ``centre`` (template world mm -> native world mm): rotations up to
+    ``degrees`` about each axis, shifts up to ``mm`` along each (also the motion between scans,
+    native world -> native world)."""
+    rotation = Rotation.from_euler("xyz", rng.uniform(-degrees, degrees, 3),
+                                   degrees=True).as_matrix()
     pose = np.eye(4)
     pose[:3, :3] = rotation
-    pose[:3, 3] = centre + rng.uniform(-20.0, 20.0, 3) - rotation @ centre
+    pose[:3, 3] = centre + rng.uniform(-mm, mm, 3) - rotation @ centre
     return pose
 
 
-def _acquisition_kinds(subjects: int, seed: int) -> list[str]:
-    """The acquisition of each subject: every three consecutive subjects get all three kinds."""
+def _acquisition_kinds(subjects: int, seed: int, channel: int = 0) -> list[str]:
+    """The acquisition of each subject: every three consecutive subjects get all three kinds
+    (drawn anew for each contrast after the first, ``channel`` > 0)."""
     names = list(ACQUISITIONS)
-    rng = np.random.default_rng([seed, _GRID])
+    rng = np.random.default_rng([seed, _GRID] if channel == 0 else [seed, _CONTRAST_GRID, channel])
     rounds = -(-subjects // len(names))
     return [names[i] for _ in range(rounds) for i in rng.permutation(len(names))][:subjects]
 
@@ -255,16 +332,23 @@ def _resample(volume: np.ndarray, matrix: np.ndarray, shape, order: int):
                                 order=order, output=out, prefilter=False)
 
 
-def _scanner_image(posed: np.ndarray, grid: dict, seed: int, index: int) -> tuple[np.ndarray, dict]:
-    """Gamma, bias field and global scale (example.py), Rician noise, int16 at a random gain."""
-    rng = np.random.default_rng([seed, _SCANNER, index])
+def _scanner_image(posed: np.ndarray, grid: dict, seed: int, index: int,
+                   channel: int = 0) -> tuple[np.ndarray, dict]:
+    """Gamma, bias field and global scale (example.py), Rician noise, int16 at a random gain.
+
+    Each contrast (``channel``) is a scan of its own: its own draws of all of them.
+    """
+    first = channel == 0
+    rng = np.random.default_rng([seed, _SCANNER, index] if first
+                                else [seed, _CONTRAST_SCANNER, index, channel])
     shape = grid["shape"]
     everywhere = np.ones(shape, bool)
     spacing = float(np.prod(grid["spacing_mm"]) ** (1 / 3))
     unit = posed / np.float32(max(float(posed.max()), 1e-6))
     image = _intensity(unit, everywhere, shape, spacing, rng)
     fraction = float(rng.uniform(0.01, 0.03))
-    image = _rician_in_brain(image, everywhere, fraction, _torch_generator(seed, _NOISE, index))
+    noise = _torch_generator(seed, _NOISE if first else _CONTRAST_NOISE + channel, index)
+    image = _rician_in_brain(image, everywhere, fraction, noise)
     target = math.exp(rng.uniform(math.log(300.0), math.log(3000.0)))  # head's 99th percentile
     gain = target / max(float(np.percentile(image[unit > HEAD_THRESHOLD], 99)), 1e-6)
     scan = np.clip(np.round(image * gain), 0, np.iinfo(np.int16).max).astype(np.int16)
@@ -280,12 +364,14 @@ def _lps(vector: np.ndarray) -> list[float]:
 
 
 def write_dicom_series(folder: Path, scan: np.ndarray, affine: np.ndarray, seed: int,
-                       index: int, description: str) -> None:
+                       index: int, description: str, series: int = 0) -> None:
     """One file per slice along the last axis; MONAI's reader gives back ``scan`` and ``affine``.
 
     Array axis 0 runs along the rows (DICOM's row direction, ``Columns`` long), axis 1 down the
     columns, axis 2 across slices; positions and orientations are in LPS. No patient
     identifiers and no dates; UIDs are derived from ``(seed, index)``, so files are reproducible.
+    The scans of one subject (``series`` 0, 1, ...: its contrasts) share the study and frame of
+    reference; each has its own series and instance UIDs.
     """
     import pydicom
     from pydicom.dataset import FileMetaDataset
@@ -295,20 +381,21 @@ def write_dicom_series(folder: Path, scan: np.ndarray, affine: np.ndarray, seed:
         return generate_uid(entropy_srcs=["medidiff-raw", str(seed), str(index), *map(str, parts)])
 
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
-    study, series, frame = uid("study"), uid("series"), uid("frame")
+    own = () if series == 0 else (f"series{series}",)  # the first series: UIDs as always
+    study, series_uid, frame = uid("study"), uid("series", *own), uid("frame")
     for k in range(scan.shape[2]):
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = MR_IMAGE_STORAGE
-        meta.MediaStorageSOPInstanceUID = uid("slice", k)
+        meta.MediaStorageSOPInstanceUID = uid("slice", k, *own)
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds = pydicom.Dataset()
         ds.file_meta = meta
         ds.SOPClassUID, ds.SOPInstanceUID = MR_IMAGE_STORAGE, meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series_uid, frame
         ds.PatientName, ds.PatientID = "anonymous", "anonymous"
         ds.PatientIdentityRemoved, ds.DeidentificationMethod = "YES", "synthetic data"
         ds.Modality, ds.SeriesDescription, ds.ImageType = "MR", description, ["DERIVED", "PRIMARY"]
-        ds.SeriesNumber, ds.InstanceNumber = 1, k + 1
+        ds.SeriesNumber, ds.InstanceNumber = series + 1, k + 1
         rows, columns = _lps(affine[:3, 0] / spacing[0]), _lps(affine[:3, 1] / spacing[1])
         ds.ImageOrientationPatient = rows + columns  # along a row, down a column
         position = _lps(affine[:3, :3] @ [0.0, 0.0, k] + affine[:3, 3])
@@ -344,40 +431,99 @@ def _landmarks(tpl: dict, field: dict, pose: np.ndarray) -> dict:
             for i, name in enumerate(LANDMARKS_MM)}
 
 
-def _posed_subject(tpl: dict, kind: str, lesion: bool, seed: int, index: int,
-                   variability: float) -> tuple:
-    """The subject, its pose, its native grid and the native voxel -> template voxel matrix.
+def _geometry(tpl: dict, kind: str, pose: np.ndarray, head_voxels: np.ndarray,
+              centre_mm: np.ndarray, seed: int, index: int, channel: int) -> dict:
+    """One scan's pose, native grid and native voxel -> template voxel matrix.
 
-    A lesion small enough to fall between thick slices would leave an empty mask on the native
-    grid: it is drawn again (a further draw of the lesion stream) until the mask shows.
+    The first contrast (``channel`` 0) is acquired at the subject's ``pose``; each later one
+    after a small rigid motion about the posed head's centre (``MOTION_DEG``, ``MOTION_MM``).
+    """
+    if channel:
+        posed_centre = (pose @ [*centre_mm, 1.0])[:3]
+        motion_rng = np.random.default_rng([seed, _MOTION, index, channel])
+        pose = _pose(posed_centre, motion_rng, MOTION_DEG, MOTION_MM) @ pose
+    grid_rng = np.random.default_rng([seed, _GRID, index] if channel == 0
+                                     else [seed, _CONTRAST_GRID, index, channel])
+    grid = native_grid(kind, _world(pose @ tpl["affine"], head_voxels), grid_rng)
+    # native voxel -> native world -> template world (inverse pose) -> template voxel
+    matrix = np.linalg.inv(tpl["affine"]) @ np.linalg.inv(pose) @ grid["affine"]
+    return {"pose": pose, "grid": grid, "matrix": matrix}
+
+
+def _posed_subject(tpl: dict, kinds: list[str], lesion: bool, seed: int, index: int,
+                   variability: float, contrasts: tuple[str, ...] = ("t1",)) -> tuple:
+    """The subject and, per contrast (acquisition ``kinds``), its pose, grid and matrix.
+
+    A lesion small enough to fall between thick slices would leave an empty mask on the first
+    contrast's native grid (where masks are written): it is drawn again (a further draw of the
+    lesion stream) until the mask shows.
     """
     for attempt in range(8):
-        subject = _subject(tpl, seed, index, lesion, attempt, variability)
-        head_voxels = np.stack(np.nonzero(subject["image"] > HEAD_THRESHOLD)).astype(float)
-        pose = _pose(_world(tpl["affine"], head_voxels).mean(axis=1),
-                     np.random.default_rng([seed, _POSE, index]))
-        grid = native_grid(kind, _world(pose @ tpl["affine"], head_voxels),
-                           np.random.default_rng([seed, _GRID, index]))
-        # native voxel -> native world -> template world (inverse pose) -> template voxel
-        matrix = np.linalg.inv(tpl["affine"]) @ np.linalg.inv(pose) @ grid["affine"]
-        if not lesion or _resample(subject["mask"], matrix, grid["shape"], 0).any():
+        subject = _subject(tpl, seed, index, lesion, attempt, variability, contrasts)
+        head_voxels = np.stack(np.nonzero(subject["images"]["t1"] > HEAD_THRESHOLD)).astype(float)
+        centre_mm = _world(tpl["affine"], head_voxels).mean(axis=1)
+        pose = _pose(centre_mm, np.random.default_rng([seed, _POSE, index]))
+        scans = [_geometry(tpl, kind, pose, head_voxels, centre_mm, seed, index, channel)
+                 for channel, kind in enumerate(kinds)]
+        first = scans[0]
+        if not lesion or _resample(subject["mask"], first["matrix"], first["grid"]["shape"],
+                                   0).any():
             break
-    return subject, pose, grid, matrix
+    return subject, scans
 
 
-def _make_one(out_dir: Path, tpl: dict, name: str, role: str, kind: str, dicom: bool,
-              seed: int, index: int, variability: float) -> dict:
-    """Synthesise, pose, resample and write one subject; return its dataset.json entry."""
+def _write_scan(out_dir: Path, tpl: dict, subject: dict, contrast: str, scan: dict,
+                paths: tuple[str, str], dicom: bool, seed: int, index: int,
+                channel: int) -> dict:
+    """Write one contrast (native scan, its registered image); return its metadata."""
+    grid = scan["grid"]
+    posed = _resample(subject["images"][contrast], scan["matrix"], grid["shape"], 1)
+    pixels, scanner = _scanner_image(posed, grid, seed, index, channel)
+    if dicom:
+        write_dicom_series(out_dir / paths[0], pixels, grid["affine"], seed, index,
+                           f"synthetic {DISPLAY[contrast]} {grid['acquisition']} "
+                           f"{grid['orientation']}", channel)
+    else:
+        save_nifti(pixels, grid["affine"], out_dir / paths[0], compresslevel=6)
+    # Quantised to 1/256 (the template's own 8 bits): the float32 file compresses a third better.
+    image = np.round(subject["images"][contrast] * 256) / np.float32(256)
+    save_nifti(image, tpl["affine"], out_dir / paths[1], compresslevel=6)
+    return {
+        "contrast": contrast,
+        "image": paths[0],
+        "registered_image": paths[1],
+        "format": "dicom" if dicom else "nifti",
+        "acquisition": grid["acquisition"],
+        "orientation": grid["orientation"],
+        "spacing_mm": grid["spacing_mm"],
+        "shape": list(grid["shape"]),
+        "pose": [[round(float(v), 8) for v in row] for row in scan["pose"]],
+        **scanner,
+    }
+
+
+def _make_one(out_dir: Path, tpl: dict, name: str, role: str, kinds: list[str], dicom: bool,
+              seed: int, index: int, variability: float,
+              contrasts: tuple[str, ...] = ("t1",)) -> dict:
+    """Synthesise, pose, resample and write one subject; return its dataset.json entry.
+
+    With contrasts other than exactly T1, image names carry the BIDS suffix of their contrast,
+    ``image`` lists one path per contrast (a string for one) and ``channels`` each one's
+    metadata; the top level keeps the first contrast's, as single-contrast readers expect.
+    """
     folder = {"train": "train", "val": "val"}.get(role, "test")
-    subject, pose, grid, matrix = _posed_subject(tpl, kind, role == "test-lesion", seed, index,
-                                                 variability)
+    subject, scans = _posed_subject(tpl, kinds, role == "test-lesion", seed, index,
+                                    variability, contrasts)
+    grid, matrix = scans[0]["grid"], scans[0]["matrix"]
     shape, affine = grid["shape"], grid["affine"]
-    posed = _resample(subject["image"], matrix, shape, 1)
-    scan, scanner = _scanner_image(posed, grid, seed, index)
-    entry = {"image": f"{folder}/images/{name}" + ("" if dicom else ".nii.gz"),
+    plain = contrasts == ("t1",)
+    suffixes = [""] if plain else [f"_{BIDS_SUFFIX[c]}" for c in contrasts]
+    images = [f"{folder}/images/{name}{s}" + ("" if dicom else ".nii.gz") for s in suffixes]
+    registered_images = [f"registered/images/{name}{s}.nii.gz" for s in suffixes]
+    entry = {"image": images[0] if len(images) == 1 else images,
              "label": f"{folder}/labels/{name}.nii.gz", "brain": f"{folder}/brains/{name}.nii.gz"}
     native = {"label": subject["labels"], "brain": subject["brain"]}
-    registered = {"image": f"registered/images/{name}.nii.gz",
+    registered = {"image": registered_images[0] if len(images) == 1 else registered_images,
                   "brain": f"registered/brains/{name}.nii.gz"}
     if folder == "test":
         entry["mask"] = f"test/masks/{name}.nii.gz"
@@ -386,34 +532,72 @@ def _make_one(out_dir: Path, tpl: dict, name: str, role: str, kind: str, dicom: 
         registered["mask"] = f"registered/masks/{name}.nii.gz"
     for key, volume in native.items():
         write_nifti(out_dir / entry[key], _resample(volume, matrix, shape, 0), affine)
-    if dicom:
-        write_dicom_series(out_dir / entry["image"], scan, affine, seed, index,
-                           f"synthetic T1 {kind} {grid['orientation']}")
-    else:
-        save_nifti(scan, affine, out_dir / entry["image"], compresslevel=6)
-    # Quantised to 1/256 (the template's own 8 bits): the float32 file compresses a third better.
-    image = np.round(subject["image"] * 256) / np.float32(256)
-    save_nifti(image, tpl["affine"], out_dir / registered["image"], compresslevel=6)
+    paths = list(zip(images, registered_images, strict=True))
+    channels = [_write_scan(out_dir, tpl, subject, contrast, scan, paths[k], dicom, seed, index, k)
+                for k, (contrast, scan) in enumerate(zip(contrasts, scans, strict=True))]
     for key in ("brain", "mask"):
         if key in registered:
             write_nifti(out_dir / registered[key], subject[key], tpl["affine"])
+    first = channels[0]
     entry.update({
-        "format": "dicom" if dicom else "nifti",
+        "format": first["format"],
         "registered": registered,
-        "acquisition": kind,
-        "orientation": grid["orientation"],
-        "spacing_mm": grid["spacing_mm"],
-        "shape": list(shape),
-        "pose": [[round(float(v), 8) for v in row] for row in pose],
-        "landmarks": _landmarks(tpl, subject["field"], pose),
+        **{key: first[key] for key in ("acquisition", "orientation", "spacing_mm", "shape",
+                                       "pose")},
+        "landmarks": _landmarks(tpl, subject["field"], scans[0]["pose"]),
         "scale": [round(float(s), 6) for s in subject["field"]["scale"]],
-        **scanner,
+        **{key: first[key] for key in ("noise_fraction", "gain")},
     })
+    if not plain:
+        entry["channels"] = channels
+        if subject["lesion"] is not None:
+            entry["lesion_kind"] = subject["lesion"]["kind"]
     return entry
 
 
+def check_contrasts(contrasts) -> tuple[str, ...]:
+    """``contrasts`` in medidiff's names (any usual spelling), each once and one we can make."""
+    names = tuple(canonical(c) for c in ([contrasts] if isinstance(contrasts, str)
+                                           else contrasts))
+    if not names:
+        raise InputError(None, "contrasts: name at least one")
+    repeated = sorted({c for c in names if names.count(c) > 1})
+    if repeated:
+        raise InputError(None, f"contrasts: {', '.join(repeated)} named more than once")
+    unsupported = [c for c in names if c not in CONTRASTS]
+    if unsupported:
+        raise InputError(None, f"contrasts: the raw example cannot make {', '.join(unsupported)} "
+                               f"(it makes {', '.join(CONTRASTS)})")
+    return names
+
+
+def _description(contrasts: tuple[str, ...]) -> str:
+    """dataset.json's description; exactly the T1 data set's text for ``("t1",)``."""
+    if contrasts == ("t1",):
+        return (
+            "Synthetic raw T1-weighted head scans (skull on, random head pose, native grids and "
+            "orientations, bias field, gamma, Rician noise, int16 scanner units; some as DICOM "
+            "series) derived from the MNI ICBM152 2009c head template with tissue labels from "
+            "the 2009a GM/WM maps (Fonov et al. 2011); synthetic lesions (MOOD/FPI protocol) "
+            "in test scans; ground truth in template space under registered/."
+        )
+    names = ", ".join(DISPLAY[c] for c in contrasts)
+    return (
+        f"Synthetic raw head scans in {len(contrasts)} contrast(s), {names}, each on its own "
+        "native grid with a small motion between scans (skull on, random head pose, native "
+        "grids and orientations, bias field, gamma, Rician noise, int16 scanner units; some "
+        "subjects as DICOM series) derived from the MNI ICBM152 2009c T1 and T2 head templates "
+        "(FLAIR synthesised from the T2 with CSF nulled, PD from the T2 with less contrast) with "
+        "tissue labels from the 2009a GM/WM maps (Fonov et al. 2011); synthetic lesions as each "
+        "contrast shows them (MS-like ovoids, tumour with oedema, stroke-like; one mask for "
+        "all contrasts) in test scans; labels and masks on the first contrast's grid; ground "
+        "truth in template space under registered/."
+    )
+
+
 def make_raw_dataset(out_dir: str | Path, seed: int = 0, subjects: int = 24,
-                     progress: Progress | None = None, anatomy_variability: float = 1.0) -> dict:
+                     progress: Progress | None = None, anatomy_variability: float = 1.0,
+                     contrasts: Sequence[str] = ("t1",)) -> dict:
     """Build the raw example data set (see the module docstring); return the dataset.json index.
 
     Layout: ``{train,val,test}/images`` (``.nii.gz`` files or DICOM series folders),
@@ -421,9 +605,12 @@ def make_raw_dataset(out_dir: str | Path, seed: int = 0, subjects: int = 24,
     and ``dataset.json``, written last, so that its presence marks a complete data set.
     ``progress`` is called as ``progress(done, total, message)`` after each subject.
     ``anatomy_variability`` multiplies each subject's smooth displacement from the template
-    (1: at most 2 to 4 mm; 0: the template's anatomy up to scaling).
+    (1: at most 2 to 4 mm; 0: the template's anatomy up to scaling). ``contrasts`` (of
+    ``CONTRASTS``, any usual spelling) are written for every subject, in this order; the
+    first one's grid carries the labels and masks.
     """
     out_dir = Path(out_dir)
+    contrasts = check_contrasts(contrasts)
     _check_out_dir(out_dir)
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
         raise InputError(None, f"seed must be a non-negative integer, got {seed!r}")
@@ -433,26 +620,22 @@ def make_raw_dataset(out_dir: str | Path, seed: int = 0, subjects: int = 24,
                          f"got {anatomy_variability!r}")
     variability = float(anatomy_variability)
     roles = split_roles(int(subjects), seed)
-    kinds = _acquisition_kinds(len(roles), seed)
+    kinds = [_acquisition_kinds(len(roles), seed, k) for k in range(len(contrasts))]
     dicom = _dicom_subjects(roles, seed)
     tpl = head_template()
     lists = {"training": [], "validation": [], "test": []}
     for index, role in enumerate(roles):
         name = f"sub-{index:03d}"
-        entry = _make_one(out_dir, tpl, name, role, kinds[index], index in dicom, seed, index,
-                          variability)
+        entry = _make_one(out_dir, tpl, name, role, [k[index] for k in kinds], index in dicom,
+                          seed, index, variability, contrasts)
         lists[{"train": "training", "val": "validation"}.get(role, "test")].append(entry)
         if progress is not None:
             progress(index + 1, len(roles), f"{name} ({role}, {entry['format']})")
+    channels = {str(k): DISPLAY[c] for k, c in enumerate(contrasts)}
+    plain = contrasts == ("t1",)
     index = {
         "name": "medidiff-example-raw",
-        "description": (
-            "Synthetic raw T1-weighted head scans (skull on, random head pose, native grids and "
-            "orientations, bias field, gamma, Rician noise, int16 scanner units; some as DICOM "
-            "series) derived from the MNI ICBM152 2009c head template with tissue labels from "
-            "the 2009a GM/WM maps (Fonov et al. 2011); synthetic lesions (MOOD/FPI protocol) "
-            "in test scans; ground truth in template space under registered/."
-        ),
+        "description": _description(contrasts),
         "reference": "https://nist.mni.mcgill.ca/icbm-152-nonlinear-atlases-2009/",
         "licence": (
             "MNI ICBM152 2009 template licence (free use with attribution): Copyright (C) "
@@ -463,7 +646,9 @@ def make_raw_dataset(out_dir: str | Path, seed: int = 0, subjects: int = 24,
         "seed": seed,
         "anatomy_variability": variability,
         "tensorImageSize": "3D",
-        "modality": {"0": "T1"},
+        **({} if plain else {"contrasts": list(contrasts)}),
+        "modality": channels,
+        **({} if plain else {"channel_names": channels}),
         "template_space": "MNI ICBM152 2009c, 2 mm (medidiff/preprocess/templates/t1_head.nii.gz)",
         "pose_convention": "pose maps template-space world mm to native world mm (RAS)",
         "labels": LABELS,
