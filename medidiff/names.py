@@ -78,6 +78,12 @@ SCORING_PRESETS = ("fast", "default", "reference")
 RUN_FORMATS = ("table", "csv", "json", "markdown")
 """Output formats of ``medidiff runs compare``."""
 
+IMPORT_FORMATS = ("ixi", "brats", "atlas", "bids", "decathlon", "nnunet")
+"""Public data layouts ``medidiff data import`` reads (``medidiff.data.importers``)."""
+
+IMPORT_ALIASES = {"brats2021": "brats", "brats2023": "brats"}
+"""Other names of an import format: ``brats`` of one edition only."""
+
 __all__ = [
     "AMP_MODES",
     "ANOMALY_METHODS",
@@ -85,6 +91,8 @@ __all__ = [
     "BIAS_CORRECTIONS",
     "ENCODINGS",
     "FUSIONS",
+    "IMPORT_ALIASES",
+    "IMPORT_FORMATS",
     "INFERENCE_BACKENDS",
     "INPUT_KINDS",
     "LOSS_WEIGHTINGS",

@@ -8,6 +8,8 @@ from pathlib import Path
 import click
 from medidiff.workflows.common import echo, progress_bar
 
+from medidiff import names
+
 
 @click.group()
 def data() -> None:
@@ -79,3 +81,33 @@ def _contrasts(text: str) -> tuple[str, ...]:
     from medidiff.data.raw import check_contrasts
 
     return check_contrasts([part for part in text.split(",") if part.strip()] or [text])
+
+
+@data.command("import")
+@click.argument("fmt", metavar="FORMAT",
+                type=click.Choice(names.IMPORT_FORMATS + tuple(names.IMPORT_ALIASES),
+                                  case_sensitive=False))
+@click.argument("src", type=click.Path(file_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--validation-fraction", type=click.FloatRange(0.0, 1.0, max_open=True),
+              default=0.15, show_default=True,
+              help="Share of the healthy training cases (ixi, bids) held out, seeded, as "
+                   "validation scans.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the validation split.")
+@click.option("--copy", is_flag=True,
+              help="Copy the source files instead of linking them (symbolic links by default).")
+def import_(fmt: str, src: str, out: str, validation_fraction: float, seed: int,
+            copy: bool) -> None:
+    """Import a public data set in its own layout (FORMAT) from SRC into OUT.
+
+    FORMAT: ixi, brats (brats2021 or brats2023 for one edition), atlas, bids, decathlon,
+    nnunet (docs/data.md says what each expects).
+    OUT gets links to SRC's scans (images/CASE_CONTRAST.nii.gz, masks/, labels/) and a
+    dataset.json with training, validation and test lists. SRC is never modified.
+    """
+    from medidiff.data.importers import import_dataset, summary
+
+    manifest = import_dataset(fmt, src, out, validation_fraction=validation_fraction,
+                              seed=seed, copy=copy)
+    echo(summary(manifest))
