@@ -383,7 +383,10 @@ class PreprocessConfig(_Section):
                                                "MNI ICBM152 2009c at 2 mm)")
     skull_strip: SkullStrip = Field(
         default="none", description="template: keep the template's brain mask (eroded by "
-                                    "mask_erosion_mm) after registration")
+                                    "mask_erosion_mm) after registration; deepbet: a learned "
+                                    "brain mask of the T1 head on its own grid (the optional "
+                                    "extra `medidiff[deepbet]`), after which the brain is "
+                                    "registered to the template's brain")
     mask_erosion_mm: float = Field(
         default=2.0, ge=0.0, le=10.0,
         description="erode the template brain mask by this much, so that scalp and CSF at the "
@@ -420,9 +423,9 @@ class PreprocessConfig(_Section):
 
     @model_validator(mode="after")
     def _check_steps(self) -> PreprocessConfig:
-        if self.skull_strip == "template" and self.registration == "none":
-            raise ValueError("preprocess.skull_strip 'template' needs a registration to the "
-                             "template (rigid or affine)")
+        if self.skull_strip != "none" and self.registration == "none":
+            raise ValueError(f"preprocess.skull_strip {self.skull_strip!r} needs a registration "
+                             "to the template (rigid or affine)")
         return self
 
     @property
@@ -463,6 +466,10 @@ class Config(_Section):
                 raise ValueError("data.contrasts needs at least one contrast, none twice")
             if self.preprocess.template == "auto":  # model.yaml names the template it used
                 self.preprocess.template = names.TEMPLATE_OF_CONTRAST[contrasts[0]]
+        learned = self.preprocess.skull_strip not in ("none", "template")
+        if learned and contrasts and contrasts[0] not in ("t1", "t1ce"):
+            raise ValueError(f"preprocess.skull_strip {self.preprocess.skull_strip!r} extracts "
+                             f"brains from T1 heads only, not {contrasts[0]}: use 'template'")
         return self
 
     @model_validator(mode="after")

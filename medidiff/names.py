@@ -66,8 +66,9 @@ INPUT_KINDS = ("auto", "head", "brain")
 """What a scan holds (``preprocess.input``): a head with skull, a skull-stripped brain, or
 detected per scan."""
 
-SKULL_STRIPS = ("none", "template")
-"""Brain extraction (``preprocess.skull_strip``): the template's brain mask after registration."""
+SKULL_STRIPS = ("none", "template", "deepbet")
+"""Brain extraction (``preprocess.skull_strip``): the template's brain mask after registration,
+or a learned T1 brain mask on the scan's own grid before it (``medidiff[deepbet]``)."""
 
 INFERENCE_BACKENDS = ("auto", "eager", "compile", "onnx", "openvino")
 """How the network runs at inference (``inference.backend``; ``medidiff.inference.backends``)."""

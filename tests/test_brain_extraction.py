@@ -101,3 +101,70 @@ def test_deepbet_finds_the_brain_of_a_raw_example_head(tmp_path):
     assert mask.shape == truth.shape
     dice = 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
     assert dice > 0.9, f"Dice {dice:.3f} on {entry['image']} ({entry['orientation']})"
+
+
+def test_skull_strip_deepbet_without_the_extra_is_refused_before_any_scan(monkeypatch):
+    from medidiff.config import PreprocessConfig
+    from medidiff.errors import ConfigError
+    from medidiff.preprocess.pipeline import Preprocessor
+
+    monkeypatch.setattr(be, "_MODULES", ("medidiff_no_such_module",))
+    cfg = PreprocessConfig(registration="affine", skull_strip="deepbet")
+    with pytest.raises(ConfigError, match=r"pip install 'medidiff\[deepbet\]'"):
+        Preprocessor(cfg)
+
+
+def test_skull_strip_deepbet_is_for_t1_models():
+    from medidiff.config import Config
+
+    with pytest.raises(ValueError, match="T1 heads only, not t2"):
+        Config.model_validate({"task": "anomaly", "data": {"contrasts": ["t2"]},
+                               "preprocess": {"registration": "affine",
+                                              "skull_strip": "deepbet"}})
+
+
+def test_a_learned_mask_makes_the_head_a_brain_registered_to_the_template_brain(monkeypatch):
+    """The preprocessing around the network (which is stood in for by the true brain mask):
+    the head is stripped on its own grid, registered as a brain, and its own mask, not the
+    template's, comes back on the scan's grid."""
+    from medidiff.config import PreprocessConfig
+    from medidiff.preprocess.pipeline import Preprocessor
+    from tests.test_preprocess import _posed_head
+
+    image, affine, brain, _ = _posed_head()
+    calls = []
+
+    def stand_in(array, aff, method, source=None):
+        calls.append(method)
+        assert np.array_equal(array, image)  # the raw head, before bias correction
+        return brain
+
+    monkeypatch.setattr(be, "available", lambda method="deepbet": True)
+    monkeypatch.setattr(be, "learned_brain_mask", stand_in)
+    cfg = PreprocessConfig(registration="affine", skull_strip="deepbet", bias_correction="n4")
+    result = Preprocessor(cfg).run(image, affine, "head.nii.gz")
+    assert calls == ["deepbet"] and result.kind == "brain"
+    assert not result.failures, (result.failures, result.qc)
+    assert result.image[result.brain == 0].max() == 0  # nothing outside the learned mask
+    back = result.to_native(result.brain.astype(np.float32), nearest=True) > 0
+    dice = 2 * np.logical_and(back, brain).sum() / (back.sum() + brain.sum())
+    assert dice > 0.95, dice  # not eroded: the scan's own brain
+
+
+def test_skull_strip_deepbet_on_a_raw_example_head_passes_quality_control(tmp_path):
+    pytest.importorskip("deepbet")
+    from medidiff.config import PreprocessConfig
+    from medidiff.data.raw import make_raw_dataset
+    from medidiff.io.read import load_image
+    from medidiff.preprocess.pipeline import Preprocessor
+
+    make_raw_dataset(tmp_path, seed=6, subjects=4)
+    entry = json.loads((tmp_path / "dataset.json").read_text())["training"][-1]
+    image, affine = load_image(tmp_path / entry["image"])
+    truth = load_image(tmp_path / entry["brain"], labels=True)[0][0] > 0.5
+    cfg = PreprocessConfig(registration="affine", skull_strip="deepbet", bias_correction="n4")
+    result = Preprocessor(cfg).run(image[0], affine, entry["image"])
+    assert result.kind == "brain" and not result.failures, (result.failures, result.qc)
+    back = result.to_native(result.brain.astype(np.float32), nearest=True) > 0
+    dice = 2 * (back & truth).sum() / (back.sum() + truth.sum())
+    assert dice > 0.9, f"Dice {dice:.3f} on {entry['image']}"

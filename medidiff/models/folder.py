@@ -219,7 +219,8 @@ def preprocessing_summary(cfg: Config) -> str:
     steps = ["N4 bias correction" if p.bias_correction == "n4" else "",
              f"{p.registration} registration to {p.template}" if p.registration != "none" else "",
              f"template brain mask (eroded {p.mask_erosion_mm:g} mm)"
-             if p.skull_strip == "template" else ""]
+             if p.skull_strip == "template" else "",
+             "deepbet brain extraction" if p.skull_strip == "deepbet" else ""]
     return ", ".join(s for s in steps if s)
 
 

@@ -22,8 +22,8 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from medidiff.config import PreprocessConfig
-from medidiff.errors import InputError
-from medidiff.preprocess import quality
+from medidiff.errors import ConfigError, InputError
+from medidiff.preprocess import brain_extraction, quality
 from medidiff.preprocess.bias import head_mask, n4
 from medidiff.preprocess.register import register
 from medidiff.preprocess.space import from_sitk, reference, resample, to_sitk
@@ -141,6 +141,8 @@ class Preprocessor:
 
     def __init__(self, cfg: PreprocessConfig, contrast: str = "t1"):
         self.cfg = cfg
+        if cfg.skull_strip in brain_extraction.METHODS and not brain_extraction.available():
+            raise ConfigError(brain_extraction.NEEDS_EXTRA)
         self.template = (load_template(template_for(cfg.template, contrast))
                          if cfg.registration != "none" else None)
 
@@ -163,6 +165,14 @@ class Preprocessor:
             image = to_sitk(array, affine)
             head = head_mask(image)
             kind = self.cfg.input if self.cfg.input != "auto" else input_kind(array, head)
+            if kind == "head" and self.cfg.skull_strip in brain_extraction.METHODS:
+                # the learned mask on the raw head (the networks were trained without N4);
+                # from here on the scan is a skull-stripped brain
+                learned = brain_extraction.learned_brain_mask(array, affine, self.cfg.skull_strip,
+                                                              source)
+                array = array * learned
+                image, head, kind = to_sitk(array, affine), to_sitk(learned.astype(np.uint8),
+                                                                    affine), "brain"
             if self.cfg.bias_correction == "n4":
                 image = n4(image, head)
             if not self.registers:
@@ -191,7 +201,10 @@ class Preprocessor:
         failures = quality.failures(qc, self.cfg.min_correlation, self.cfg.min_head_dice)
         brain = None
         keep, template_keep = moved_head, target_mask
-        if self.cfg.skull_strip == "template":
+        if self.cfg.skull_strip in brain_extraction.METHODS:  # its own brain, not the template's
+            brain = moved_head.astype(np.uint8)
+            moved = moved * brain
+        elif self.cfg.skull_strip == "template":
             spacing = float(np.linalg.norm(template.affine[:3, 0]))
             steps = int(round(self.cfg.mask_erosion_mm / spacing))
             mask = template.brain
