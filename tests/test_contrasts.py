@@ -56,8 +56,9 @@ def test_training_resolves_the_contrast_and_its_template(tmp_path):
     root = _three_contrasts(tmp_path)
     cfg = resolve_contrasts(Config.model_validate({"data": {"contrasts": ["flair"]}}), root)
     assert cfg.preprocess.template == "mni152-2009c-flair"
-    with pytest.raises(ConfigError, match="several contrasts"):
-        resolve_contrasts(Config(), root)
+    assert resolve_contrasts(Config(), root).data.contrasts == ["t1", "t2", "flair"]
+    with pytest.raises(ConfigError, match="segment models take one contrast"):
+        resolve_contrasts(Config.model_validate({"task": "segment"}), root)
     plain = tmp_path / "plain"  # a folder without dataset.json holds T1 scans
     plain.mkdir()
     assert resolve_contrasts(Config(), plain).data.contrasts == ["t1"]

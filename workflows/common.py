@@ -179,10 +179,12 @@ def preprocess_split(cfg, data_dir, split: str, label_keys=()) -> None:
     then read it without registering again)."""
     if not cfg.preprocess.enabled:
         return
-    from medidiff.data.datasets import read_split
+    from medidiff.data.datasets import data_contrasts, read_split
     from medidiff.preprocess.cache import preprocess_entries
 
-    entries = read_split(data_dir, split, cfg.data.contrasts)
+    contrasts = cfg.data.contrasts or data_contrasts(data_dir)  # as training resolves them
+    entries = read_split(data_dir, split, contrasts)
     with progress_bar(len(entries), f"preprocess {split}", unit="scan") as bar:
         preprocess_entries(cfg.preprocess, entries, label_keys,
-                           progress=lambda done, total: bar.update(done - bar.n))
+                           progress=lambda done, total: bar.update(done - bar.n),
+                           contrasts=contrasts)

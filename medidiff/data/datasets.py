@@ -81,10 +81,10 @@ def resolve_contrasts(cfg: Config, data_dir: str | Path) -> Config:
     data set's), and the ``auto`` template resolved for the first of them; training records
     both in model.yaml, so scoring reads scans of the same contrasts, registered alike."""
     contrasts = cfg.data.contrasts or data_contrasts(data_dir)
-    if len(contrasts) > 1:
+    if len(contrasts) > 1 and cfg.task != "anomaly":
         raise ConfigError(f"data.contrasts: {Path(data_dir)} holds {', '.join(contrasts)}; "
-                          "models of several contrasts at once are not supported yet: pick "
-                          f"one, e.g. --set data.contrasts=[{contrasts[-1]}]")
+                          f"{cfg.task} models take one contrast: pick one, e.g. "
+                          f"--set data.contrasts=[{contrasts[-1]}]")
     data = cfg.to_dict()
     data["data"]["contrasts"] = list(contrasts)
     return Config.model_validate(data)
@@ -139,12 +139,14 @@ def fingerprint(entries: list[dict[str, str]]) -> str:
     """A short hash of the training files' names, sizes and bytes (first MiB), for model.yaml."""
     digest = hashlib.sha256()
     for entry in entries:
-        path = Path(entry["image"])
-        digest.update(path.name.encode())
-        for item in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
-            digest.update(str(item.stat().st_size).encode())  # a DICOM series: each slice
-            with item.open("rb") as handle:
-                digest.update(handle.read(1 << 20))
+        image = entry["image"]
+        for path in map(Path, image if isinstance(image, list | tuple) else [image]):
+            digest.update(path.name.encode())
+            files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+            for item in files:
+                digest.update(str(item.stat().st_size).encode())  # a DICOM series: each slice
+                with item.open("rb") as handle:
+                    digest.update(handle.read(1 << 20))
     return digest.hexdigest()[:16]
 
 

@@ -9,6 +9,7 @@ computed on the model grid go back to the input's space with ``Invertd``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ from monai.transforms import (
     EnsureChannelFirstd,
     EnsureTyped,
     Invertd,
+    LoadImage,
     LoadImaged,
     MapTransform,
     Orientationd,
@@ -68,6 +70,31 @@ class CheckResampledSized(MapTransform):
         return data
 
 
+class LoadChannelsd(LoadImaged):
+    """``LoadImaged`` whose image may be a list of files, one per contrast, stacked as
+    channels: they must share one grid (unregistered contrasts cannot be stacked voxel by
+    voxel), else an InputError names the file that differs."""
+
+    def __init__(self, keys, reader=None, **kwargs):
+        super().__init__(keys, reader=reader, **kwargs)
+        self.reader_of_channels = reader
+
+    def __call__(self, data, reader=None):
+        for key in self.key_iterator(dict(data)):
+            files = data[key]
+            if isinstance(files, list | tuple) and len(files) > 1:
+                grids = [LoadImage(reader=self.reader_of_channels, image_only=True)(f)
+                         for f in files]
+                for path, image in zip(files[1:], grids[1:], strict=True):
+                    if image.shape != grids[0].shape or not np.allclose(
+                            np.asarray(image.affine), np.asarray(grids[0].affine), atol=1e-3):
+                        raise InputError(path, f"is on another grid {tuple(image.shape)} than "
+                                               f"{Path(files[0]).name} {tuple(grids[0].shape)}; "
+                                               "the contrasts of a scan must share one grid, "
+                                               "or be registered (preprocess.registration)")
+        return super().__call__(data, reader)
+
+
 def grid_size(cfg: DataConfig) -> list[int]:
     """The model grid as a 3D spatial size; -1 keeps the scan's extent along the slice axis."""
     if cfg.spatial_dims == 3:
@@ -90,7 +117,7 @@ def volume_transforms(
     keys = [image_key, *label_keys]
     modes = ["bilinear"] + ["nearest"] * len(label_keys)
     chain = [
-        LoadImaged(keys=keys, reader=reader, image_only=True),
+        LoadChannelsd(keys=keys, reader=reader, image_only=True),
         EnsureChannelFirstd(keys=keys),
         EnsureTyped(keys=keys, dtype=torch.float32),
         Orientationd(keys=keys, axcodes="RAS"),

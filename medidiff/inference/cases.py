@@ -19,7 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from medidiff.errors import InputError, MedidiffError
-from medidiff.io.discover import case_name, discover_inputs, select_contrast
+from medidiff.io.discover import (
+    CaseFiles,
+    case_name,
+    discover_inputs,
+    group_channels,
+    select_contrast,
+)
 from medidiff.io.write import atomic_write_text, safe_output_path
 
 
@@ -55,14 +61,20 @@ def collect_inputs(paths: Sequence[str | Path]) -> tuple[list[Path], list[CaseOu
 
 def inputs_of_part(inputs: Sequence[str | Path], part_id: int, num_parts: int,
                    on_case: Callable[[CaseOutcome], None] | None = None,
-                   contrast: str | None = None) -> tuple[list[Path], list[CaseOutcome]]:
+                   contrasts: Sequence[str] | None = None
+                   ) -> tuple[list[Path | CaseFiles], list[CaseOutcome]]:
     """This part's share of the expanded inputs, and the inputs that cannot be used (each
-    reported through ``on_case``, by every part). With ``contrast`` (a single-contrast
-    model's), scans whose names declare another contrast of the same inputs are left out
-    (``medidiff.io.discover.select_contrast``)."""
+    reported through ``on_case``, by every part). With ``contrasts`` (the model's): for one,
+    scans whose names declare another contrast of the same inputs are left out
+    (``medidiff.io.discover.select_contrast``); for several, the inputs are grouped into
+    cases of one file per contrast (``medidiff.io.discover.group_channels``)."""
     paths, unusable = collect_inputs(inputs)
-    if contrast is not None:
-        paths = select_contrast(paths, contrast)
+    if contrasts is not None and len(contrasts) == 1:
+        paths = select_contrast(paths, contrasts[0])
+    elif contrasts is not None:
+        paths, problems = group_channels(paths, contrasts)
+        unusable += [CaseOutcome(case, path, "failed", message)
+                     for case, path, message in problems]
     for outcome in unusable:
         if on_case:
             on_case(outcome)
@@ -85,7 +97,7 @@ def run_cases(paths: Sequence[Path], out_dir: Path, outputs: Callable[[str], lis
     listed = {row.get("case") for row in read_table(table_path)} if table_path else set()
     outcomes, seen = [], set()
     for path in paths:
-        case = case_name(path)
+        case = path.name if isinstance(path, CaseFiles) else case_name(path)
         if case in seen:
             outcome = CaseOutcome(case, path, "failed", f"{path}: another input has the same "
                                   f"case name '{case}'")

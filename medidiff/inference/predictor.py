@@ -34,6 +34,7 @@ from medidiff.data.transforms import Chain, image_transforms, invert_to_input, v
 from medidiff.errors import ConfigError, InputError, QualityError
 from medidiff.inference import backends
 from medidiff.inference.cases import CaseOutcome, inputs_of_part, merge_rows, run_cases
+from medidiff.io.discover import CaseFiles
 from medidiff.io.read import reader_for
 from medidiff.io.validate import check_voxels, repair_nonfinite, spatial_ndim, validate_input
 from medidiff.io.write import atomic_write_text
@@ -173,10 +174,59 @@ class Predictor:
     def check_image(self, path: Path | None, image: MetaTensor) -> None:
         """A task's own checks of the loaded image (channels, extent)."""
 
+    @property
+    def contrasts(self) -> list[str]:
+        """The contrasts the model takes, in channel order."""
+        return list(self.cfg.data.contrasts or ["t1"])
+
+    def prepare_input(self, item: Path | CaseFiles) -> Prepared:
+        """A scan, or a case of one scan per contrast, on the model grid."""
+        if isinstance(item, CaseFiles):
+            return self.prepare_case(item.files)
+        return self.prepare_file(item)
+
     def prepare_file(self, path: str | Path) -> Prepared:
         path = Path(path)
         validate_input(path)
+        if len(self.contrasts) > 1:
+            raise InputError(path, f"is one scan; this model takes {', '.join(self.contrasts)}: "
+                                   "give one file per contrast (CASE_0000.nii.gz, "
+                                   "CASE_0001.nii.gz, ...)")
         return self._prepare({"image": str(path)}, path, spatial_ndim(path), reader_for(path))
+
+    def prepare_case(self, files: Sequence[str | Path]) -> Prepared:
+        """The contrasts of one case (one 3D scan each, in the model's channel order) on the
+        model grid, registered once (``Preprocessor.run_channels``); results come back on the
+        first one's grid. Without registration the scans must share one grid."""
+        files = [Path(f) for f in files]
+        if len(files) != len(self.contrasts):
+            raise InputError(files[0] if files else None,
+                             f"a case of {len(files)} scans; the model takes "
+                             f"{len(self.contrasts)} ({', '.join(self.contrasts)})")
+        if len(files) == 1:
+            return self._prepare({"image": str(files[0])}, files[0], spatial_ndim(files[0]),
+                                 reader_for(files[0]))
+        loaded = []
+        for path in files:
+            validate_input(path)
+            if spatial_ndim(path) != 3:
+                raise InputError(path, "is not a 3D scan; each contrast of a case must be one")
+            loaded.append(self._load({"image": str(path)}, path, 3, reader_for(path)))
+        for path, (data, *_rest) in zip(files, loaded, strict=True):
+            if data["image"].shape[0] != 1:
+                raise InputError(path, f"holds {data['image'].shape[0]} volumes; each contrast "
+                                       "must be one 3D scan")
+        data, steps, split, _ = loaded[0]
+        repaired = sum(item[3] for item in loaded)
+        if self.preprocessor is not None:
+            data, native = self._preprocess(data, files[0], [item[0] for item in loaded], files)
+            inverse = Chain(steps[split:])
+        else:
+            data, native = {**data, "image": _stack_channels(loaded, files)}, None
+            inverse = Chain(steps)
+        with reading(files[0]):
+            data = Chain(steps[split:])(data)
+        return Prepared(files[0], inverse, data, repaired, native)
 
     def prepare_array(self, array: np.ndarray, affine: np.ndarray) -> Prepared:
         """An in-memory scan (2D or 3D, no channel axis) with its voxel-to-world affine."""
@@ -194,6 +244,20 @@ class Predictor:
 
     def _prepare(self, data: dict, path: Path | None, ndim: int, reader,
                  loaded: bool = False) -> Prepared:
+        data, steps, split, repaired = self._load(data, path, ndim, reader, loaded)
+        native, inverse = None, Chain(steps)  # the objects that ran: Invertd checks them
+        if self.preprocessor is not None:  # a new image: only the steps after it are inverted
+            data, native = self._preprocess(data, path)
+            inverse = Chain(steps[split:])
+        with reading(path):
+            data = Chain(steps[split:])(data)
+        return Prepared(path, inverse, data, repaired, native)
+
+    def _load(self, data: dict, path: Path | None, ndim: int, reader,
+              loaded: bool = False) -> tuple[dict, list, int, int]:
+        """The scan read and oriented, its voxels checked (and repaired where asked): the data,
+        the chain's steps (without loading for an array), where loading ends in them, and the
+        count of repaired voxels."""
         if ndim == 2 and not (self.images_2d and self.cfg.data.spatial_dims == 2):
             raise InputError(path, "is a 2D image; this model works on 3D volumes")
         chain = self.transforms(ndim, reader)
@@ -212,33 +276,36 @@ class Predictor:
             fixed, _ = repair_nonfinite(image.as_tensor().numpy())
             data["image"] = MetaTensor(torch.from_numpy(fixed), meta=image.meta,
                                        applied_operations=image.applied_operations)
-        native, inverse = None, Chain(chain)
-        if self.preprocessor is not None:  # a new image: only the steps after it are inverted
-            data, native = self._preprocess(data, path)
-            inverse = Chain(steps[split:])
-        with reading(path):
-            data = Chain(steps[split:])(data)
-        return Prepared(path, inverse, data, repaired, native)
+        return data, steps, split, repaired
 
-    def _preprocess(self, data: dict, path: Path | None) -> tuple[dict, Preprocessed]:
-        """The model's preprocessing of the loaded scan; a failed registration is refused."""
+    def _preprocess(self, data: dict, path: Path | None, channels: list[dict] | None = None,
+                    files: list[Path] | None = None) -> tuple[dict, Preprocessed]:
+        """The model's preprocessing of the loaded scan (``channels``: the loaded data of each
+        contrast of a case, ``files`` their files); a failed registration is refused."""
         image = data["image"]
         meta = image.meta
         shape = meta.get("spatial_shape", image.shape[1:])
         affine = meta.get("original_affine", image.affine)
-        if path is not None and not self.repair_nonfinite:  # a file: registered once, cached
-            folder, record = cache.cached(self.cfg.preprocess, {"image": str(path)},
-                                          preprocessor=self.preprocessor)
+        files = files or ([path] if path is not None else None)
+        channels = channels or [data]
+        if files is not None and not self.repair_nonfinite:  # files: registered once, cached
+            entry = {"image": str(files[0]) if len(files) == 1 else [str(f) for f in files]}
+            folder, record = cache.cached(self.cfg.preprocess, entry,
+                                          preprocessor=self.preprocessor,
+                                          contrasts=self.contrasts)
             native = Preprocessed.load(folder, shape, affine, record)
         else:
-            native = self.preprocessor.run(image[0].numpy(), np.asarray(image.affine), path,
-                                           native_shape=shape, native_affine=affine)
+            scans = [(c["image"][0].numpy(), np.asarray(c["image"].affine)) for c in channels]
+            native = self.preprocessor.run_channels(scans, self.contrasts[:len(scans)],
+                                                    files or [path] * len(scans),
+                                                    native_shape=shape, native_affine=affine)
         if native.failures:
             raise QualityError(path, native.failures)
         affine = torch.as_tensor(native.affine)
-        out = MetaTensor(torch.from_numpy(native.image[None]), affine=affine,
+        channels = native.image if native.image.ndim == 4 else native.image[None]
+        out = MetaTensor(torch.from_numpy(channels), affine=affine,
                          meta={"original_affine": native.affine, "affine": affine,
-                               "spatial_shape": np.asarray(native.image.shape),
+                               "spatial_shape": np.asarray(channels.shape[1:]),
                                "filename_or_obj": meta.get("filename_or_obj", "array")})
         return {**data, "image": out}, native
 
@@ -287,9 +354,8 @@ class Predictor:
         reported once, through ``on_case``); finished cases are skipped unless ``overwrite``.
         ``progress(done, total)`` follows the cases.
         """
-        contrasts = self.cfg.data.contrasts
         paths, unusable = inputs_of_part(inputs, part_id, num_parts, on_case,
-                                         contrasts[0] if contrasts else None)
+                                         self.cfg.data.contrasts)
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         # what the outputs were computed with: the same file for any split of the inputs
@@ -306,7 +372,7 @@ class Predictor:
 
             def process(path: Path, case: str) -> dict:
                 try:
-                    prep = self.prepare_file(path)
+                    prep = self.prepare_input(path)
                 except QualityError as err:  # recorded in the table, then reported as failed
                     if self.table:
                         merge_rows(out_dir / self.table, [self.failed_row(case, err.reasons)])
@@ -357,12 +423,29 @@ class Predictor:
             tracker.log_artifact(out_dir / self.table)
 
 
+def _stack_channels(loaded: list[tuple], files: list[Path]) -> MetaTensor:
+    """The loaded contrasts of a case as one image of as many channels; they must share a grid
+    (a model without registration cannot align them)."""
+    first = loaded[0][0]["image"]
+    for path, (data, *_rest) in zip(files[1:], loaded[1:], strict=True):
+        image = data["image"]
+        if image.shape[1:] != first.shape[1:] or not np.allclose(
+                np.asarray(image.affine), np.asarray(first.affine), atol=1e-3):
+            raise InputError(path, f"is on another grid ({tuple(image.shape[1:])}) than the "
+                                   f"case's first scan {files[0].name} "
+                                   f"({tuple(first.shape[1:])}); a model without registration "
+                                   "needs the contrasts of a case on one grid")
+    stacked = torch.cat([item[0]["image"].as_tensor() for item in loaded])
+    return MetaTensor(stacked, meta=first.meta, applied_operations=first.applied_operations)
+
+
 def log_inputs_dataset(tracker, paths: Sequence[Path]) -> None:
     """The scored inputs as the run's "inputs" dataset: the fingerprint of their files and
     their common folder (paths only, nothing read from the scans' headers)."""
     if not paths:
         return
     try:
+        paths = [f for p in paths for f in (p.files if isinstance(p, CaseFiles) else [p])]
         regular = [p for p in paths if Path(p).is_file() or Path(p).is_dir()]  # never a FIFO
         digest = fingerprint([{"image": str(p)} for p in regular])
         folder = os.path.commonpath([str(Path(p).resolve().parent) for p in paths])

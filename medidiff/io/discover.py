@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from medidiff.errors import InputError
@@ -160,3 +161,97 @@ def select_contrast(paths: Sequence[Path], contrast: str) -> list[Path]:
     if not any(c == contrast for c in named.values()):
         return list(paths)
     return [p for p, c in named.items() if c in (contrast, None)]
+
+
+_NNUNET_CHANNEL = re.compile(r"^(.+)_(\d{4})$")
+
+
+@dataclass(frozen=True)
+class CaseFiles:
+    """The scans of one case for a model of several contrasts: one file (or DICOM folder)
+    per contrast, in the model's channel order."""
+
+    name: str
+    files: tuple[Path, ...]
+
+
+def group_channels(paths: Sequence[Path], contrasts: Sequence[str]
+                   ) -> tuple[list[CaseFiles], list[tuple[str, Path, str]]]:
+    """The inputs of a model of several ``contrasts`` as cases, and the inputs that make no
+    case (``(case, path, one-line problem)``).
+
+    A case's files are named as nnU-Net names channels (``CASE_0000.nii.gz``,
+    ``CASE_0001.nii.gz``, ...: the index is the model's channel) or with BIDS suffixes
+    (``sub-1_T1w``, ``sub-1_T2w``, ``sub-1_FLAIR``: put in the model's order; contrasts the
+    model does not take are left out). A case without one of the model's contrasts, or with
+    more nnU-Net channels than the model takes, makes no case.
+    """
+    from medidiff.data.contrasts import DISPLAY
+
+    order = list(contrasts)
+    want = ", ".join(order)
+    by_index: dict[str, dict[int, Path]] = {}
+    by_contrast: dict[str, dict[str, Path]] = {}
+    problems: list[tuple[str, Path, str]] = []
+    doubled: set[str] = set()
+    for path in paths:
+        stem = case_name(path)
+        match = _NNUNET_CHANNEL.match(stem)
+        contrast = contrast_of_name(path)
+        if match:
+            by_index.setdefault(match.group(1), {})[int(match.group(2))] = path
+        elif contrast is not None:
+            prefix = stem[: _BIDS_SUFFIX.search(stem).start()] or "case"
+            if contrast in order:
+                if contrast in by_contrast.setdefault(prefix, {}):
+                    doubled.add(prefix)
+                    problems.append((prefix, path, f"{_shown(path)}: case '{prefix}' has two "
+                                                   f"{DISPLAY[contrast]} scans"))
+                by_contrast[prefix].setdefault(contrast, path)
+            else:
+                by_contrast.setdefault(prefix, {})
+        else:
+            problems.append((stem, path, f"{_shown(path)}: names no contrast; a model of "
+                                         f"{want} scores cases of one file per contrast, named "
+                                         "CASE_0000.nii.gz, CASE_0001.nii.gz, ... (nnU-Net) or "
+                                         "CASE_T1w, CASE_T2w, CASE_FLAIR (BIDS)"))
+    cases = []
+    for prefix, files in sorted(by_index.items()):
+        first = files[min(files)]
+        missing = [k for k in range(len(order)) if k not in files]
+        extra = sorted(k for k in files if k >= len(order))
+        if missing:
+            names = ", ".join(f"{prefix}_{k:04d} ({order[k]})" for k in missing)
+            problems.append((prefix, first, f"{_shown(first)}: case '{prefix}' has no {names} "
+                                            f"scan; the model takes {want}"))
+        elif extra:
+            problems.append((prefix, first, f"{_shown(first)}: case '{prefix}' has "
+                                            f"{len(files)} channels; the model takes "
+                                            f"{len(order)} ({want})"))
+        else:
+            cases.append(CaseFiles(_safe_name(prefix), tuple(files[k] for k in range(len(order)))))
+    for prefix, files in sorted(by_contrast.items()):
+        if prefix in doubled:
+            continue
+        missing = [c for c in order if c not in files]
+        if missing:
+            given = next(iter(files.values()), None)
+            shown = _shown(given) + ": " if given is not None else ""
+            problems.append((prefix, given, f"{shown}case '{prefix}' has no "
+                                            f"{', '.join(DISPLAY[c] for c in missing)} scan "
+                                            f"(e.g. {prefix}_{_bids(missing[0])}.nii.gz); the "
+                                            f"model takes {want}"))
+        else:
+            cases.append(CaseFiles(_safe_name(prefix), tuple(files[c] for c in order)))
+    return sorted(cases, key=lambda c: c.name), problems
+
+
+def _bids(contrast: str) -> str:
+    from medidiff.data.contrasts import BIDS_SUFFIX
+
+    return BIDS_SUFFIX[contrast]
+
+
+def _safe_name(name: str) -> str:
+    name = re.sub(r"[^\w.-]+", "_", name).strip("._")
+    return name[:_CASE_NAME_MAX] or "case"

@@ -51,39 +51,54 @@ def content_digest(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def entry_key(cfg: PreprocessConfig, entry: dict, label_keys: Sequence[str]) -> str:
+def image_files(entry: dict) -> list[str]:
+    """The files of an entry's image: one scan, or one per contrast (a list)."""
+    image = entry["image"]
+    return [str(f) for f in image] if isinstance(image, list | tuple) else [str(image)]
+
+
+def entry_key(cfg: PreprocessConfig, entry: dict, label_keys: Sequence[str],
+              contrasts: Sequence[str] | None = None) -> str:
+    files = image_files(entry)
     parts = {"version": VERSION, "preprocess": cfg.model_dump(mode="json"),
-             "image": content_digest(entry["image"]),
+             "image": content_digest(files[0]) if len(files) == 1 else
+             [content_digest(f) for f in files],
              "labels": {k: content_digest(entry[k]) for k in label_keys}}
+    if len(files) > 1:  # each channel is measured against its own contrast's template
+        parts["contrasts"] = list(contrasts or [])
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def cached(cfg: PreprocessConfig, entry: dict, label_keys: Sequence[str] = (),
-           preprocessor: Preprocessor | None = None) -> tuple[Path, dict]:
-    """The cache folder of an entry's preprocessing (filled if needed) and its QC record."""
-    folder = cache_root() / "preprocess" / entry_key(cfg, entry, label_keys)
+           preprocessor: Preprocessor | None = None,
+           contrasts: Sequence[str] | None = None) -> tuple[Path, dict]:
+    """The cache folder of an entry's preprocessing (filled if needed) and its QC record.
+    An entry of several contrasts (``image`` a list, ``contrasts`` their names) becomes one
+    image of as many channels."""
+    folder = cache_root() / "preprocess" / entry_key(cfg, entry, label_keys, contrasts)
     if not (folder / QC).is_file():
-        _fill(folder, preprocessor or Preprocessor(cfg), entry, label_keys)
+        _fill(folder, preprocessor or Preprocessor(cfg), entry, label_keys, contrasts)
     return folder, json.loads((folder / QC).read_text())
 
 
 def preprocess_entries(cfg: PreprocessConfig, entries: list[dict], label_keys: Sequence[str] = (),
-                       progress: Callable[[int, int], None] | None = None) -> list[dict]:
+                       progress: Callable[[int, int], None] | None = None,
+                       contrasts: Sequence[str] | None = None) -> list[dict]:
     """The entries with their image (and labels) replaced by preprocessed, cached files, and
     their quality numbers under ``qc``. Scans whose registration fails quality control are
-    left out, with a warning.
+    left out, with a warning. ``contrasts``: the model's, for entries of several.
     """
     if not cfg.enabled:
         return entries
     preprocessor, out = Preprocessor(cfg), []
     for i, entry in enumerate(entries):
-        folder, record = cached(cfg, entry, label_keys, preprocessor)
+        folder, record = cached(cfg, entry, label_keys, preprocessor, contrasts)
         if record["failures"]:
-            log.warning("%s: left out (%s)", entry["image"], "; ".join(record["failures"]))
+            log.warning("%s: left out (%s)", image_files(entry)[0], "; ".join(record["failures"]))
         else:
             out.append({**entry, "image": str(folder / IMAGE),
                         **{k: str(folder / f"{k}.nii.gz") for k in label_keys},
-                        "source": str(entry["image"]), "qc": record["qc"]})
+                        "source": image_files(entry)[0], "qc": record["qc"]})
         if progress:
             progress(i + 1, len(entries))
     if not out:
@@ -91,12 +106,16 @@ def preprocess_entries(cfg: PreprocessConfig, entries: list[dict], label_keys: S
     return out
 
 
-def _fill(folder: Path, preprocessor: Preprocessor, entry: dict, label_keys) -> None:
+def _fill(folder: Path, preprocessor: Preprocessor, entry: dict, label_keys,
+          contrasts: Sequence[str] | None = None) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
     try:
-        array, affine = load_image(entry["image"])
-        result = preprocessor.run(array[0], affine, entry["image"])
+        files = image_files(entry)
+        scans = [_one_volume(f) for f in files]
+        names = list(contrasts) if contrasts and len(contrasts) == len(files) else (
+            [f"channel {k}" for k in range(len(files))])
+        result = preprocessor.run_channels(scans, names, files)
         write_preprocessed(result, tmp, IMAGE, BRAIN, TRANSFORM)
         for key in label_keys:
             labels, label_affine = load_image(entry[key], labels=True)
@@ -111,6 +130,15 @@ def _fill(folder: Path, preprocessor: Preprocessor, entry: dict, label_keys) -> 
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _one_volume(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """A scan as a (X, Y, Z) array and its affine; a file of several volumes is refused."""
+    array, affine = load_image(path)
+    if array.shape[0] != 1:
+        raise InputError(path, f"holds {array.shape[0]} volumes; each contrast must be one 3D "
+                               "scan (one file per contrast)")
+    return array[0], affine
 
 
 def write_preprocessed(result: Preprocessed, out_dir: Path, image: str, brain: str,

@@ -25,7 +25,7 @@ from medidiff.config import PreprocessConfig
 from medidiff.errors import ConfigError, InputError
 from medidiff.preprocess import brain_extraction, quality
 from medidiff.preprocess.bias import head_mask, n4
-from medidiff.preprocess.register import register
+from medidiff.preprocess.register import align_channel, register
 from medidiff.preprocess.space import from_sitk, reference, resample, to_sitk
 from medidiff.preprocess.template import load_template, template_for
 
@@ -34,7 +34,7 @@ from medidiff.preprocess.template import load_template, template_for
 class Preprocessed:
     """A scan on the preprocessed grid, and how to get back to its own grid."""
 
-    image: np.ndarray  # (X, Y, Z) float32 on the grid below
+    image: np.ndarray  # (X, Y, Z) float32 on the grid below; (C, X, Y, Z) for C contrasts
     affine: np.ndarray  # the template's grid (or the scan's, without registration)
     native_shape: tuple[int, ...]
     native_affine: np.ndarray
@@ -54,7 +54,7 @@ class Preprocessed:
     def from_native(self, array: np.ndarray, affine: np.ndarray,
                     nearest: bool = False) -> np.ndarray:
         """An array on the scan's grid (e.g. its labels), on the preprocessed grid."""
-        out = resample(to_sitk(array, affine), reference(self.image.shape, self.affine),
+        out = resample(to_sitk(array, affine), reference(self.image.shape[-3:], self.affine),
                        self.transform, nearest)
         return from_sitk(out)[0]
 
@@ -65,7 +65,10 @@ class Preprocessed:
         image = nib.load(folder / "image.nii.gz")
         brain = folder / "brain.nii.gz"
         transform = folder / "transform.tfm"
-        return cls(np.asarray(image.dataobj, np.float32), image.affine.copy(),
+        data = np.asarray(image.dataobj, np.float32)
+        if data.ndim == 4:  # contrasts: NIfTI keeps them last
+            data = np.moveaxis(data, -1, 0)
+        return cls(data, image.affine.copy(),
                    tuple(int(s) for s in native_shape), np.asarray(native_affine, np.float64),
                    sitk.ReadTransform(str(transform)) if transform.is_file() else None,
                    np.asarray(nib.load(brain).dataobj, np.uint8) if brain.is_file() else None,
@@ -154,32 +157,127 @@ class Preprocessor:
             native_shape=None, native_affine=None) -> Preprocessed:
         """Preprocess a (X, Y, Z) scan with its voxel-to-RAS affine. ``native_*``: the grid to
         map results back to, when ``array`` is a reoriented view of it (default: its own)."""
-        array = np.asarray(array, np.float32)
-        if array.ndim != 3 or min(array.shape) < 2:
-            raise InputError(source, f"has shape {array.shape}; registration and bias "
-                                     "correction need a 3D scan with at least 2 slices")
-        native_shape = tuple(native_shape) if native_shape is not None else array.shape
-        native_affine = np.asarray(native_affine if native_affine is not None else affine,
-                                   np.float64)
+        native_shape, native_affine = _native_grid(array, affine, native_shape, native_affine)
         with _threads(self.cfg.threads):
-            image = to_sitk(array, affine)
-            head = head_mask(image)
-            kind = self.cfg.input if self.cfg.input != "auto" else input_kind(array, head)
-            if kind == "head" and self.cfg.skull_strip in brain_extraction.METHODS:
-                # the learned mask on the raw head (the networks were trained without N4);
-                # from here on the scan is a skull-stripped brain
-                learned = brain_extraction.learned_brain_mask(array, affine, self.cfg.skull_strip,
-                                                              source)
-                array = array * learned
-                image, head, kind = to_sitk(array, affine), to_sitk(learned.astype(np.uint8),
-                                                                    affine), "brain"
-            if self.cfg.bias_correction == "n4":
-                image = n4(image, head)
+            image, head, kind = self._native(array, affine, source)
             if not self.registers:
                 out, grid = from_sitk(image)
                 return Preprocessed(out.astype(np.float32), grid, native_shape, native_affine,
                                     kind=kind)
             return self._register(image, head, kind, source, native_shape, native_affine)
+
+    def run_channels(self, scans: list[tuple[np.ndarray, np.ndarray]], contrasts: list[str],
+                     sources: list, native_shape=None, native_affine=None) -> Preprocessed:
+        """Preprocess the contrasts of one subject (``scans``: (array, affine) in channel
+        order, ``contrasts`` their names) into one (C, X, Y, Z) image on one grid.
+
+        Channel 0 goes through ``run``; every other channel is aligned rigidly to channel 0
+        (scans of one session) and resampled through that alignment and channel 0's
+        registration at once, so each is interpolated once. Each is measured against the
+        template of its own contrast (a scan of the wrong contrast fails its correlation),
+        masked with channel 0's brain and normalised on its own. ``native_*``: channel 0's
+        grid. Without registration the channels must share one grid."""
+        if len(scans) == 1:
+            return self.run(*scans[0], sources[0], native_shape, native_affine)
+        array0, affine0 = scans[0]
+        native_shape, native_affine = _native_grid(array0, affine0, native_shape, native_affine)
+        with _threads(self.cfg.threads):
+            image0, head0, kind0 = self._native(array0, affine0, sources[0])
+            if not self.registers:
+                return self._stack_unregistered(image0, kind0, scans, sources, native_shape,
+                                                native_affine)
+            first = self._register(image0, head0, kind0, sources[0], native_shape,
+                                   native_affine)
+            images, qc = [first.image], {**first.qc}
+            failures = list(first.failures)
+            for k in range(1, len(scans)):
+                label = f"channel {k} ({contrasts[k]})"
+                image, head, kind = self._native(*scans[k], sources[k], learned=False)
+                try:
+                    rigid = align_channel(image, image0, head0)
+                except InputError as err:
+                    raise InputError(sources[k], f"{label} {err.problem}") from None
+                transform = sitk.CompositeTransform([rigid, first.transform])  # R(T(x))
+                moved, numbers = self._resample_channel(image, head, kind, transform,
+                                                        contrasts[k], first.brain)
+                qc.update({f"{name}_{contrasts[k]}": v for name, v in numbers.items()})
+                if quality.failures(numbers, self.cfg.min_correlation, self.cfg.min_head_dice):
+                    failures.append(
+                        f"{label}: unlike its template after rigid alignment to channel 0 "
+                        f"(correlation {numbers['correlation']:.2f}, head overlap "
+                        f"{numbers['head_dice']:.2f}; needs {self.cfg.min_correlation:g} and "
+                        f"{self.cfg.min_head_dice:g}): a scan of another contrast, subject or "
+                        "session?")
+                images.append(moved)
+        first.image = np.stack(images).astype(np.float32)
+        first.qc, first.failures = qc, failures
+        return first
+
+    def _native(self, array, affine, source, learned: bool = True):
+        """The scan as an ITK image after bias correction, its head mask and what it holds;
+        with a learned brain extraction (``learned``) a head becomes its brain first."""
+        array = np.asarray(array, np.float32)
+        if array.ndim != 3 or min(array.shape) < 2:
+            raise InputError(source, f"has shape {array.shape}; registration and bias "
+                                     "correction need a 3D scan with at least 2 slices")
+        image = to_sitk(array, affine)
+        head = head_mask(image)
+        kind = self.cfg.input if self.cfg.input != "auto" else input_kind(array, head)
+        if learned and kind == "head" and self.cfg.skull_strip in brain_extraction.METHODS:
+            # the learned mask on the raw head (the networks were trained without N4);
+            # from here on the scan is a skull-stripped brain
+            mask = brain_extraction.learned_brain_mask(array, affine, self.cfg.skull_strip, source)
+            array = array * mask
+            image, head, kind = to_sitk(array, affine), to_sitk(mask.astype(np.uint8),
+                                                                affine), "brain"
+        if self.cfg.bias_correction == "n4":
+            image = n4(image, head)
+        return image, head, kind
+
+    def _stack_unregistered(self, image0, kind0, scans, sources, native_shape,
+                            native_affine) -> Preprocessed:
+        out, grid = from_sitk(image0)
+        images = [out.astype(np.float32)]
+        for k in range(1, len(scans)):
+            array, affine = scans[k]
+            if (np.asarray(array).shape != np.asarray(scans[0][0]).shape
+                    or not np.allclose(affine, scans[0][1], atol=1e-3)):
+                raise InputError(sources[k], f"channel {k} is on another grid than channel 0; "
+                                             "without registration the contrasts of a case "
+                                             "must share one grid")
+            images.append(from_sitk(self._native(array, affine, sources[k], False)[0])[0]
+                          .astype(np.float32))
+        return Preprocessed(np.stack(images), grid, native_shape, native_affine, kind=kind0)
+
+    def _resample_channel(self, image, head, kind, transform, contrast, brain):
+        """Channel ``image`` on the template grid through ``transform``, masked with channel
+        0's ``brain`` and normalised against its own contrast's template; and its QC."""
+        template = load_template(template_for("auto", contrast))
+        target = template.head * template.brain if kind == "brain" else template.head
+        target_mask = template.brain if kind == "brain" else template.head_mask
+        fixed = to_sitk(target, template.affine)
+        moved = from_sitk(resample(image, fixed, transform))[0].astype(np.float32)
+        moved_head = from_sitk(resample(head, fixed, transform, nearest=True))[0] > 0
+        inside = _field_of_view(head, fixed, transform)
+        qc = quality.measure(moved, moved_head, inside, target, target_mask, template.brain)
+        keep, template_keep = moved_head, target_mask
+        if brain is not None:  # channel 0's brain, as _register keeps it
+            moved = moved * brain
+            keep = brain > 0
+            if self.cfg.skull_strip == "template":
+                template_keep = keep
+        if kind == "brain":
+            keep = keep & (moved > 0)
+        return self._normalise(moved, keep, template.head[template_keep]), qc
+
+    def _normalise(self, moved: np.ndarray, keep: np.ndarray, reference: np.ndarray) -> np.ndarray:
+        """``preprocess.normalise`` of a registered scan: its ``keep`` voxels against the
+        template's ``reference`` voxels."""
+        if self.cfg.normalise == "histogram" and keep.any():
+            return standardise_histogram(moved, moved[keep], reference)
+        if self.cfg.normalise != "none" and keep.any():
+            return moved / intensity_scale(moved[keep], reference, self.cfg.normalise)
+        return moved
 
     def _register(self, image, head, kind, source, native_shape, native_affine) -> Preprocessed:
         template = self.template
@@ -195,8 +293,7 @@ class Preprocessor:
             raise InputError(source, str(err)) from None
         moved = from_sitk(resample(image, fixed, transform))[0].astype(np.float32)
         moved_head = from_sitk(resample(head, fixed, transform, nearest=True))[0] > 0
-        inside = from_sitk(resample(sitk.Cast(head * 0 + 1, sitk.sitkFloat32), fixed,
-                                    transform, nearest=True))[0] > 0  # the scan's field of view
+        inside = _field_of_view(head, fixed, transform)
         qc = quality.measure(moved, moved_head, inside, target, target_mask, template.brain)
         failures = quality.failures(qc, self.cfg.min_correlation, self.cfg.min_head_dice)
         brain = None
@@ -215,13 +312,20 @@ class Preprocessor:
             keep = template_keep = mask
         if kind == "brain":  # what the scan's own skull stripping removed is no brain to measure
             keep = keep & (moved > 0)
-        if self.cfg.normalise == "histogram" and keep.any():
-            moved = standardise_histogram(moved, moved[keep], template.head[template_keep])
-        elif self.cfg.normalise != "none" and keep.any():
-            reference = template.head[template_keep]
-            moved = moved / intensity_scale(moved[keep], reference, self.cfg.normalise)
+        moved = self._normalise(moved, keep, template.head[template_keep])
         return Preprocessed(moved.astype(np.float32), template.affine.copy(), native_shape,
                             native_affine, transform, brain, qc, failures, kind)
+
+
+def _native_grid(array, affine, native_shape, native_affine):
+    shape = tuple(native_shape) if native_shape is not None else np.asarray(array).shape
+    return shape, np.asarray(native_affine if native_affine is not None else affine, np.float64)
+
+
+def _field_of_view(head: sitk.Image, fixed: sitk.Image, transform) -> np.ndarray:
+    """The template voxels the scan's grid covers, through ``transform``."""
+    ones = sitk.Cast(head * 0 + 1, sitk.sitkFloat32)
+    return from_sitk(resample(ones, fixed, transform, nearest=True))[0] > 0
 
 
 BRAIN_MAX_LITRES = 2.2  # a skull-stripped brain (the template's: 1.9 l) with room for large ones

@@ -99,6 +99,45 @@ def _affine_from(rigid: sitk.Transform) -> sitk.AffineTransform:
     return affine
 
 
+MAX_CHANNEL_SHIFT_MM = 30.0  # between scans of one session; beyond: another subject or session
+MAX_CHANNEL_ROTATION_DEG = 20.0
+
+
+def align_channel(moving: sitk.Image, reference: sitk.Image, reference_mask: sitk.Image,
+                  seed: int = 1) -> sitk.Euler3DTransform:
+    """The rigid transform mapping ``reference`` points to ``moving`` points, for two scans of
+    one subject (its contrasts): scans of one session share the scanner's frame, so the search
+    starts where the headers put them (no re-centring, which could overlay another subject's
+    head) and samples the reference inside ``reference_mask`` (its head, or brain) only. A
+    result that moves more than 30 mm or turns more than 20 degrees is refused: scans of one
+    session move less between sequences."""
+    moving = sitk.BinShrink(moving, [max(1, int(WORKING_MM // s)) for s in moving.GetSpacing()])
+    reference = sitk.BinShrink(reference,
+                               [max(1, int(WORKING_MM // s)) for s in reference.GetSpacing()])
+    mask = sitk.Resample(sitk.Cast(reference_mask, sitk.sitkUInt8), reference, sitk.Transform(),
+                         sitk.sitkNearestNeighbor)
+    centre = reference.TransformContinuousIndexToPhysicalPoint(
+        [(s - 1) / 2 for s in reference.GetSize()])
+    rigid = sitk.Euler3DTransform()
+    rigid.SetCenter(centre)
+    method = _method(seed)
+    method.SetMetricFixedMask(mask)
+    method.SetInitialTransform(rigid, inPlace=True)
+    try:
+        method.Execute(reference, moving)
+    except RuntimeError as err:
+        raise InputError(None, "does not overlap channel 0 (scans of different subjects?): "
+                               f"{str(err).splitlines()[-1][:100]}") from None
+    shift = float(sum(t * t for t in rigid.GetTranslation()) ** 0.5)
+    turn = max(abs(a) for a in (rigid.GetAngleX(), rigid.GetAngleY(), rigid.GetAngleZ()))
+    turn = float(turn) * 180.0 / 3.141592653589793
+    if shift > MAX_CHANNEL_SHIFT_MM or turn > MAX_CHANNEL_ROTATION_DEG:
+        raise InputError(None, f"lies {shift:.0f} mm and {turn:.0f} degrees from channel 0 after "
+                               "rigid alignment (more than scans of one session move: "
+                               "another subject or session?)")
+    return rigid
+
+
 def register(moving: sitk.Image, fixed: sitk.Image, kind: str, seed: int = 1,
              fixed_brain: sitk.Image | None = None) -> sitk.Transform:
     """The transform mapping template (``fixed``) points to scan (``moving``) points.

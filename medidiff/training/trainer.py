@@ -106,7 +106,8 @@ class Trainer:
             raise InputError(data_dir, "has no training scans")
         self.fingerprint = fingerprint(raw)
         # the model's preprocessing (registration, skull stripping), cached per scan
-        self.entries = preprocess_entries(cfg.preprocess, raw, label_keys=task.label_keys)
+        self.entries = preprocess_entries(cfg.preprocess, raw, label_keys=task.label_keys,
+                                          contrasts=cfg.data.contrasts)
         self.schedule = NoiseSchedule(**cfg.diffusion.model_dump())
         torch.manual_seed(cfg.train.seed)  # the same initial weights, hence EMA, on every rank
         self.net = build_network(cfg, task).to(self.device)

@@ -52,6 +52,33 @@ def zscore_map(volume: np.ndarray, stats: dict[str, np.ndarray], floor: float = 
     return (excess / np.maximum(std, floor)).astype(np.float32)
 
 
+def channels_of(volume: np.ndarray) -> np.ndarray:
+    """A (C, *S) volume as the z-score fits it: (*S) for one channel (as models of one
+    contrast always stored their statistics), (C, *S) for several."""
+    volume = np.asarray(volume, np.float32)
+    return volume[0] if volume.shape[0] == 1 else volume
+
+
+def zscore_channels(volume: np.ndarray, stats: dict[str, np.ndarray]) -> np.ndarray:
+    """The z-score map of a (C, *S) volume: of each channel against its own statistics, then
+    their mean over channels (*S)."""
+    data = channels_of(volume)
+    out = zscore_map(data, stats)
+    return out if data.ndim == volume.ndim - 1 else out.mean(axis=0)
+
+
+BRIGHT_LESION_ORDER = ("flair", "t2", "pd", "t1ce", "t1")
+"""Contrasts by how bright they show lesions (oedema, MS plaques, stroke): thresholding runs on
+the first of them a model takes."""
+
+
+def threshold_channel(contrasts) -> int:
+    """The channel intensity thresholding runs on (``BRIGHT_LESION_ORDER``)."""
+    ranked = sorted(range(len(contrasts)), key=lambda k: BRIGHT_LESION_ORDER.index(contrasts[k])
+                    if contrasts[k] in BRIGHT_LESION_ORDER else len(BRIGHT_LESION_ORDER))
+    return ranked[0]
+
+
 def fit_shape(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     if array.shape == tuple(shape):
         return array

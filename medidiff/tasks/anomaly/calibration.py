@@ -75,7 +75,8 @@ def _calibrate(model_dir, data_dir, device, methods, progress, overrides) -> dic
     val = read_split(data_dir, "validation", cfg.data.contrasts)
     if not val:
         raise InputError(data_dir, "has no 'validation' scans (healthy scans to calibrate on)")
-    val = preprocess_entries(cfg.preprocess, val)  # as every scored scan is
+    val = preprocess_entries(cfg.preprocess, val,  # as every scored scan is
+                             contrasts=cfg.data.contrasts)
     stats = fit_zscore_baseline(model, data_dir) if "zscore" in methods else None
     volumes = [torch.as_tensor(item["image"]).as_subclass(torch.Tensor)
                for item in cached_volumes(cfg.data, [{"image": e["image"]} for e in val])]
@@ -125,10 +126,11 @@ def calibration_entry(detector: AnomalyDetector, grids: list[GridResult], folder
 
 def fit_zscore_baseline(model: LoadedModel, data_dir: str | Path) -> dict[str, np.ndarray]:
     """Voxel-wise mean and std of the preprocessed training scans, saved in the model folder."""
+    contrasts = model.config.data.contrasts
     train = preprocess_entries(model.config.preprocess,
-                               read_split(data_dir, "training", model.config.data.contrasts))
+                               read_split(data_dir, "training", contrasts), contrasts=contrasts)
     volumes = cached_volumes(model.config.data, [{"image": e["image"]} for e in train])
-    stats = baselines.fit_zscore([np.asarray(v["image"][0]) for v in volumes])
+    stats = baselines.fit_zscore([baselines.channels_of(v["image"]) for v in volumes])
     baselines.save_stats(stats, model.folder)
     return stats
 

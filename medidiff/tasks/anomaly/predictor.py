@@ -154,9 +154,10 @@ class AnomalyDetector(Predictor):
             residual, recon = self.reconstruct(volume, fg, progress)
             raw = residual
         elif self.method == "zscore":
-            raw = baselines.zscore_map(image, self.zscore_stats())
-        else:
-            raw = baselines.threshold_map(image, fg)
+            raw = baselines.zscore_channels(np.asarray(volume, np.float32), self.zscore_stats())
+        else:  # on the contrast that shows lesions brightest (FLAIR, as Meissen et al. do)
+            channel = baselines.threshold_channel(self.cfg.data.contrasts or ["t1"])
+            raw = baselines.threshold_map(np.asarray(volume[channel], np.float32), fg)
         grid = GridResult(image, recon, raw, fg, 0.0, residual=residual)
         return self.finish_grid(grid, self.residual_stats())
 

@@ -57,9 +57,10 @@ def calibration_key(settings: AnomalyConfig, method: str) -> dict:
 @torch.no_grad()
 def reconstruct(net, images: torch.Tensor, ids: list[tuple[int, ...]], schedule: NoiseSchedule,
                 settings: AnomalyConfig, device: torch.device) -> torch.Tensor:
-    """(B, 2, *S): mean |x - x_hat| over draws and levels, and the mean reconstruction.
+    """(B, 2, *S): mean |x - x_hat| over draws, levels and channels (the contrasts of a model
+    of several), and the mean reconstruction of channel 0.
 
-    ``images`` is a batch (B, 1, *S) in [0, 1]; ``ids`` names each row (its slice, its window),
+    ``images`` is a batch (B, C, *S) in [0, 1]; ``ids`` names each row (its slice, its window),
     and every (row, draw, level) draws its own seeded noise. The draws are folded into the batch.
     """
     sampler = get_sampler(settings.sampler)
@@ -68,8 +69,8 @@ def reconstruct(net, images: torch.Tensor, ids: list[tuple[int, ...]], schedule:
     x = images.to(device) * 2.0 - 1.0
     repeated = x.repeat_interleave(draws, dim=0)
     model = model_fn(net)
-    residual = torch.zeros_like(x)
-    recon = torch.zeros_like(x)
+    residual = torch.zeros_like(x[:, :1])
+    recon = torch.zeros_like(x[:, :1])
     for index, level in enumerate(settings.noise_levels):
         generator = StackedGenerator([sample_seed(settings.seed, index, draw, *row)
                                       for row in ids for draw in range(draws)])
@@ -79,8 +80,8 @@ def reconstruct(net, images: torch.Tensor, ids: list[tuple[int, ...]], schedule:
         steps = timestep_schedule(level, min(settings.steps, level), schedule.num_train_timesteps)
         x_hat = sampler(model, x_t, steps, schedule, generator=generator, clip=True, **options)
         drawn = ((x_hat + 1.0) / 2.0).reshape(x.shape[0], draws, *x.shape[1:])
-        residual += (images.to(device)[:, None] - drawn).abs().mean(dim=1)
-        recon += drawn.mean(dim=1)
+        residual += (images.to(device)[:, None] - drawn).abs().mean(dim=(1, 2))[:, None]
+        recon += drawn[:, :, :1].mean(dim=1)
     count = len(settings.noise_levels)
     return torch.cat([residual, recon], dim=1).cpu() / count
 
