@@ -63,7 +63,8 @@ def train(data: Path, model: Path, contrasts: list[str], extra: list[str]) -> fl
 
 
 def inputs(holdout: Path, contrasts: list[str], work: Path) -> Path:
-    """A folder of links to the hold-out's test scans: ``CASE`` for one contrast, ``CASE_000k``
+    """A folder of links to the hold-out's test scans: as they are named (``CASE_FLAIR``: its
+    lesion mask on its grid is ``test/masks/CASE_FLAIR.nii.gz``) for one contrast, ``CASE_000k``
     (nnU-Net channel naming, in the model's order) for several."""
     listing = json.loads((holdout / "dataset.json").read_text())
     order = listing["contrasts"]
@@ -74,8 +75,8 @@ def inputs(holdout: Path, contrasts: list[str], work: Path) -> Path:
         for k, contrast in enumerate(contrasts):
             source = holdout / entry["image"][order.index(contrast)]
             suffix = ".nii.gz" if source.name.endswith(".nii.gz") else ""
-            name = case if len(contrasts) == 1 else f"{case}_{k:04d}"
-            link = folder / f"{name}{suffix}"
+            name = source.name if len(contrasts) == 1 else f"{case}_{k:04d}{suffix}"
+            link = folder / name
             if not link.is_symlink():
                 link.symlink_to(source.resolve())
     return folder

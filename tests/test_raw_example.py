@@ -279,10 +279,20 @@ def test_contrasts_are_named_and_listed_in_contrast_order(multi):
             assert (root / rel).exists(), rel
         assert (root / entry["image"][0]).is_dir() == (entry["format"] == "dicom")
     assert {e["format"] for e in entries(index)} == {"nifti", "dicom"}
-    # one label, brain and mask per subject, not one per contrast
-    assert len(list((root / "test" / "masks").iterdir())) == index["numTest"]
+    # one label and brain per subject on the first contrast's grid; the lesion mask also on
+    # each contrast's own grid, named as its scan (a model of one contrast is evaluated there)
+    assert len(list((root / "test" / "masks").iterdir())) == index["numTest"] * (1 + len(CONTRASTS))
     assert not any("_T" in p.name or "FLAIR" in p.name for p in (root / "test").rglob("*")
-                   if p.parent.name in ("labels", "brains", "masks"))
+                   if p.parent.name in ("labels", "brains"))
+    for entry in index["test"]:
+        name = Path(entry["mask"]).name.removesuffix(".nii.gz")
+        for channel in entry["channels"]:
+            assert channel["mask"] == f"test/masks/{name}_{SUFFIXES[channel['contrast']]}.nii.gz"
+            mask, _ = load_image(root / channel["mask"], labels=True)
+            assert list(mask.shape[1:]) == channel["shape"]
+        first, _ = load_image(root / entry["channels"][0]["mask"], labels=True)
+        whole, _ = load_image(root / entry["mask"], labels=True)
+        assert np.array_equal(first, whole)
 
 
 def test_each_contrast_has_its_own_grid_and_a_small_motion(multi):

@@ -27,7 +27,9 @@ contrast shares the subject's deformation and its lesion mask (``lesions_mc.py``
 tumour with oedema or stroke-like, as each contrast shows them); each is acquired on a native
 grid of its own (an acquisition drawn per contrast) after a small extra rigid motion (up to 2
 degrees and 2 mm) on top of the subject's pose, with its own bias field, noise and gain. Labels,
-brain and lesion masks are written once, on the first contrast's grid.
+brain and lesion masks are written on the first contrast's grid; a test subject's lesion mask
+also on each contrast's own grid (``test/masks/NAME_FLAIR.nii.gz``, ..., named as its scan), for
+models of one contrast.
 
 Each dataset.json entry carries the ``pose`` and ``landmarks``: fixed anatomical points in
 template MNI mm and the same points in native world mm after the subject's deformation and pose,
@@ -535,6 +537,12 @@ def _make_one(out_dir: Path, tpl: dict, name: str, role: str, kinds: list[str], 
     paths = list(zip(images, registered_images, strict=True))
     channels = [_write_scan(out_dir, tpl, subject, contrast, scan, paths[k], dicom, seed, index, k)
                 for k, (contrast, scan) in enumerate(zip(contrasts, scans, strict=True))]
+    if not plain and folder == "test":  # each contrast's own grid: a model of one scores it
+        for channel, scan, suffix in zip(channels, scans, suffixes, strict=True):
+            channel["mask"] = f"test/masks/{name}{suffix}.nii.gz"
+            write_nifti(out_dir / channel["mask"], _resample(subject["mask"], scan["matrix"],
+                                                             scan["grid"]["shape"], 0),
+                        scan["grid"]["affine"])
     for key in ("brain", "mask"):
         if key in registered:
             write_nifti(out_dir / registered[key], subject[key], tpl["affine"])
@@ -590,7 +598,8 @@ def _description(contrasts: tuple[str, ...]) -> str:
         "(FLAIR synthesised from the T2 with CSF nulled, PD from the T2 with less contrast) with "
         "tissue labels from the 2009a GM/WM maps (Fonov et al. 2011); synthetic lesions as each "
         "contrast shows them (MS-like ovoids, tumour with oedema, stroke-like; one mask for "
-        "all contrasts) in test scans; labels and masks on the first contrast's grid; ground "
+        "all contrasts) in test scans; labels and masks on the first contrast's grid, test "
+        "masks also on each contrast's (named as its scan); ground "
         "truth in template space under registered/."
     )
 
