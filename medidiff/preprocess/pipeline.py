@@ -6,6 +6,9 @@ template grid (linear) -> skull stripping with the template's brain mask, eroded
 intensity normalisation inside the brain. Quality control measures every registration.
 Backward: any array on the template grid goes onto the scan's own grid through the inverse
 transform, linearly for maps and by nearest neighbour for masks and labels.
+The contrasts of one subject (``run_channels``) are registered once: channel 0 as above, the
+others aligned rigidly to it and resampled through both transforms at once, each measured
+against its own contrast's template and normalised on its own.
 """
 
 from __future__ import annotations
