@@ -205,3 +205,16 @@ def test_a_model_of_several_contrasts_refuses_a_single_scan(tmp_path):
     detector = AnomalyDetector.load(model, device="cpu", method="threshold", calibration={})
     with pytest.raises(InputError, match="is one scan; this model takes t1, flair"):
         detector.prepare_file(path)
+
+
+def test_unregistered_contrasts_on_different_grids_are_refused_in_training(tmp_path):
+    from medidiff.data.transforms import volume_transforms
+
+    cfg = load_config(REPO / "configs" / "anomaly" / "cpu-tiny.yaml").data
+    nib.save(nib.Nifti1Image(head(), SPACING), tmp_path / "a_T1w.nii.gz")
+    nib.save(nib.Nifti1Image(head((16, 16, 10)), SPACING), tmp_path / "a_FLAIR.nii.gz")
+    files = [str(tmp_path / "a_T1w.nii.gz"), str(tmp_path / "a_FLAIR.nii.gz")]
+    with pytest.raises(InputError, match="a_FLAIR.nii.gz: is on another grid"):
+        volume_transforms(cfg)({"image": files})
+    nib.save(nib.Nifti1Image(head(), SPACING), tmp_path / "a_FLAIR.nii.gz")
+    assert volume_transforms(cfg)({"image": files})["image"].shape[0] == 2
