@@ -205,6 +205,8 @@ def test_a_model_of_several_contrasts_refuses_a_single_scan(tmp_path):
     detector = AnomalyDetector.load(model, device="cpu", method="threshold", calibration={})
     with pytest.raises(InputError, match="is one scan; this model takes t1, flair"):
         detector.prepare_file(path)
+    with pytest.raises(InputError, match="this model takes t1, flair"):
+        detector.prepare_array(head(), SPACING)
 
 
 def test_unregistered_contrasts_on_different_grids_are_refused_in_training(tmp_path):

@@ -235,6 +235,9 @@ class Predictor:
         if array.ndim not in (2, 3) or affine.shape != (4, 4):
             raise InputError(None, f"expected a 2D or 3D array and a 4x4 affine, got shapes "
                                    f"{array.shape} and {affine.shape}")
+        if len(self.contrasts) > 1:
+            raise InputError(None, f"this model takes {', '.join(self.contrasts)}: score a "
+                                   "case's files (prepare_case), one per contrast")
         meta = {"affine": torch.as_tensor(affine), "original_affine": affine,
                 "spatial_shape": np.asarray(array.shape), "original_channel_dim": "no_channel",
                 "filename_or_obj": "array"}
