@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -31,8 +30,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._common import machine, write_section  # noqa: E402
-from medidiff.api import AnomalyDetector, evaluate_folder  # noqa: E402
+from benchmarks._common import command_line, machine, score_folder, write_section  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "contrasts.json"
 SETTINGS = {"flair": ["flair"], "t2": ["t2"], "t1-t2-flair": ["t1", "t2", "flair"]}
@@ -83,17 +81,11 @@ def inputs(holdout: Path, contrasts: list[str], work: Path) -> Path:
 
 
 def score(model: Path, method: str, folder: Path, out: Path, masks: Path) -> dict:
-    detector = AnomalyDetector.load(model, method=method)
-    started = time.perf_counter()
-    outcomes = detector.predict_files([folder], out, overwrite=True)
-    seconds = (time.perf_counter() - started) / max(1, len(outcomes))
-    failed = [o.message for o in outcomes if o.status != "done"]
+    result = score_folder(model, method, folder, out, masks)
+    failed = result.pop("failed")
     if failed:
         raise SystemExit(f"scoring failed: {failed}")
-    result = evaluate_folder(out, masks)
-    return {k: result[k] for k in ("pooled_ap", "dice_at_calibrated_threshold",
-                                   "best_dice_oracle", "scan_auroc", "n_cases")} | {
-        "seconds_per_scan": seconds}
+    return result
 
 
 def markdown(result: dict) -> str:
@@ -132,10 +124,8 @@ def main() -> None:
     make_data(args.data, 24, 0)
     make_data(args.holdout, 40, 5)
     masks = args.holdout / "test" / "masks"
-    command = " ".join(["python benchmarks/contrasts.py", *sys.argv[1:]])
-    threads = os.environ.get("OMP_NUM_THREADS")
     result = {"machine": machine(), "data": str(args.data), "holdout": str(args.holdout),
-              "command": f"OMP_NUM_THREADS={threads} {command}" if threads else command,
+              "command": command_line("contrasts.py"),
               "settings": {}}
     for name in args.settings:
         contrasts = SETTINGS[name]

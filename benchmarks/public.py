@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import subprocess
 import sys
@@ -41,8 +40,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._common import machine  # noqa: E402
-from medidiff.api import AnomalyDetector, evaluate_folder  # noqa: E402
+from benchmarks._common import command_line, machine, score_folder  # noqa: E402
 
 METHODS = ("diffusion", "zscore", "threshold")
 
@@ -107,17 +105,12 @@ def _link(link: Path, source: Path) -> None:
 
 
 def score(model: Path, method: str, inputs: Path, out: Path, masks: Path) -> dict:
-    detector = AnomalyDetector.load(model, method=method)
-    started = time.perf_counter()
-    outcomes = detector.predict_files([inputs], out, overwrite=True)
-    seconds = (time.perf_counter() - started) / max(1, len(outcomes))
-    failed = [o for o in outcomes if o.status != "done"]
-    for outcome in failed:
-        print(f"{method}: {outcome.case}: {outcome.message}", file=sys.stderr)
-    result = evaluate_folder(out, masks)
-    return {k: result[k] for k in ("pooled_ap", "dice_at_calibrated_threshold",
-                                   "best_dice_oracle", "scan_auroc", "n_cases")} | {
-        "seconds_per_scan": seconds, "failed": len(failed)}
+    """As ``score_folder``; a case that fails (a BraTS scan QC refuses) is reported and
+    counted, and the others are evaluated."""
+    result = score_folder(model, method, inputs, out, masks)
+    for message in result["failed"]:
+        print(f"{method}: {message}", file=sys.stderr)
+    return {**result, "failed": len(result["failed"])}
 
 
 def main() -> None:
@@ -152,11 +145,9 @@ def main() -> None:
                  *[a for item in args.train_set for a in ("--set", item)])
     train_minutes = (time.perf_counter() - started) / 60
     inputs, masks = test_folder(args.work, ixi, brats, healthy, args.contrast)
-    command = " ".join(["python benchmarks/public.py", *sys.argv[1:]])
-    threads = os.environ.get("OMP_NUM_THREADS")
     result = {"machine": machine(), "contrast": args.contrast, "model": str(model),
               "train_minutes_this_run": train_minutes,
-              "command": f"OMP_NUM_THREADS={threads} {command}" if threads else command,
+              "command": command_line("public.py"),
               "methods": {m: score(model, m, inputs, args.work / "scores" / args.contrast / m,
                                    masks) for m in METHODS}}
     (args.work / "public.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -33,7 +32,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._common import machine, write_section  # noqa: E402
+from benchmarks._common import command_line, machine, write_section  # noqa: E402
 from medidiff.api import AnomalyDetector, evaluate_folder  # noqa: E402
 from medidiff.io.read import load_image  # noqa: E402
 from medidiff.preprocess.pipeline import Preprocessor  # noqa: E402
@@ -168,11 +167,9 @@ def main() -> None:
     tests = listing["test"]
     raw = [args.data / e["image"] for e in tests]
     copies, copy_masks = template_copies(tests, args.data, args.work)
-    command = " ".join(["python benchmarks/raw_scans.py", *sys.argv[1:]])
-    threads = os.environ.get("OMP_NUM_THREADS")
     result = {"machine": machine(), "model": shown(args.model, args.work),
               "data": shown(args.data, args.work),
-              "command": f"OMP_NUM_THREADS={threads} {command}" if threads else command}
+              "command": command_line("raw_scans.py")}
     for space, inputs, labels in (("native", raw, args.data / "test" / "masks"),
                                   ("template", copies, copy_masks)):
         result[space] = {m: score(args.model, m, inputs, args.work / space / m, labels)

@@ -31,7 +31,7 @@ from scipy import ndimage
 
 from medidiff.config import DataConfig
 from medidiff.errors import InputError
-from medidiff.io.validate import check_resampled_size
+from medidiff.io.validate import check_resampled_size, same_grid
 
 
 class Chain(Compose):
@@ -86,8 +86,8 @@ class LoadChannelsd(LoadImaged):
                 grids = [LoadImage(reader=self.reader_of_channels, image_only=True)(f)
                          for f in files]
                 for path, image in zip(files[1:], grids[1:], strict=True):
-                    if image.shape != grids[0].shape or not np.allclose(
-                            np.asarray(image.affine), np.asarray(grids[0].affine), atol=1e-3):
+                    if not same_grid(image.shape, image.affine, grids[0].shape,
+                                     grids[0].affine):
                         raise InputError(path, f"is on another grid {tuple(image.shape)} than "
                                                f"{Path(files[0]).name} {tuple(grids[0].shape)}; "
                                                "the contrasts of a scan must share one grid, "

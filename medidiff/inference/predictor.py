@@ -36,7 +36,13 @@ from medidiff.inference import backends
 from medidiff.inference.cases import CaseOutcome, inputs_of_part, merge_rows, run_cases
 from medidiff.io.discover import CaseFiles
 from medidiff.io.read import reader_for
-from medidiff.io.validate import check_voxels, repair_nonfinite, spatial_ndim, validate_input
+from medidiff.io.validate import (
+    check_voxels,
+    repair_nonfinite,
+    same_grid,
+    spatial_ndim,
+    validate_input,
+)
 from medidiff.io.write import atomic_write_text
 from medidiff.models.batching import FixedBatch
 from medidiff.models.folder import LoadedModel, load_model
@@ -432,8 +438,7 @@ def _stack_channels(loaded: list[tuple], files: list[Path]) -> MetaTensor:
     first = loaded[0][0]["image"]
     for path, (data, *_rest) in zip(files[1:], loaded[1:], strict=True):
         image = data["image"]
-        if image.shape[1:] != first.shape[1:] or not np.allclose(
-                np.asarray(image.affine), np.asarray(first.affine), atol=1e-3):
+        if not same_grid(image.shape[1:], image.affine, first.shape[1:], first.affine):
             raise InputError(path, f"is on another grid ({tuple(image.shape[1:])}) than the "
                                    f"case's first scan {files[0].name} "
                                    f"({tuple(first.shape[1:])}); a model without registration "

@@ -132,8 +132,7 @@ def case_name(path: str | Path) -> str:
         if lower.endswith(suffix) and not path.is_dir():
             name = name[: -len(suffix)]
             break
-    name = re.sub(r"[^\w.-]+", "_", name).strip("._")
-    return name[:_CASE_NAME_MAX] or "case"
+    return _safe_name(name)
 
 
 _BIDS_SUFFIX = re.compile(r"_([A-Za-z0-9]+)$")
@@ -186,7 +185,7 @@ def group_channels(paths: Sequence[Path], contrasts: Sequence[str]
     model does not take are left out). A case without one of the model's contrasts, or with
     more nnU-Net channels than the model takes, makes no case.
     """
-    from medidiff.data.contrasts import DISPLAY
+    from medidiff.data.contrasts import BIDS_SUFFIX, DISPLAY
 
     order = list(contrasts)
     want = ", ".join(order)
@@ -239,19 +238,15 @@ def group_channels(paths: Sequence[Path], contrasts: Sequence[str]
             shown = _shown(given) + ": " if given is not None else ""
             problems.append((prefix, given, f"{shown}case '{prefix}' has no "
                                             f"{', '.join(DISPLAY[c] for c in missing)} scan "
-                                            f"(e.g. {prefix}_{_bids(missing[0])}.nii.gz); the "
+                                            f"(e.g. {prefix}_{BIDS_SUFFIX[missing[0]]}.nii.gz); the "
                                             f"model takes {want}"))
         else:
             cases.append(CaseFiles(_safe_name(prefix), tuple(files[c] for c in order)))
     return sorted(cases, key=lambda c: c.name), problems
 
 
-def _bids(contrast: str) -> str:
-    from medidiff.data.contrasts import BIDS_SUFFIX
-
-    return BIDS_SUFFIX[contrast]
-
-
 def _safe_name(name: str) -> str:
+    """A case name from a file name: letters, digits, ``-``, ``_`` and ``.`` (no leading
+    dot), at most ``_CASE_NAME_MAX`` characters, never empty."""
     name = re.sub(r"[^\w.-]+", "_", name).strip("._")
     return name[:_CASE_NAME_MAX] or "case"

@@ -61,6 +61,14 @@ def _muted_logger(name: str) -> Iterator[None]:
         logger.disabled = old
 
 
+def same_grid(shape, affine, other_shape, other_affine) -> bool:
+    """Whether two images lie on one voxel grid (shape, and affine within 0.001 mm): the
+    test the contrasts of a case pass to be stacked voxel by voxel without registration."""
+    return (tuple(int(s) for s in shape) == tuple(int(s) for s in other_shape)
+            and np.allclose(np.asarray(affine, float), np.asarray(other_affine, float),
+                            atol=1e-3))
+
+
 def validate_input(path: str | Path) -> None:
     """Check a scan from its headers alone; raise InputError naming the file and the problem."""
     path = Path(path)

@@ -26,6 +26,7 @@ from scipy import ndimage
 
 from medidiff.config import PreprocessConfig
 from medidiff.errors import ConfigError, InputError
+from medidiff.io.validate import same_grid
 from medidiff.preprocess import brain_extraction, quality
 from medidiff.preprocess.bias import head_mask, n4
 from medidiff.preprocess.register import align_channel, register
@@ -243,8 +244,7 @@ class Preprocessor:
         images = [out.astype(np.float32)]
         for k in range(1, len(scans)):
             array, affine = scans[k]
-            if (np.asarray(array).shape != np.asarray(scans[0][0]).shape
-                    or not np.allclose(affine, scans[0][1], atol=1e-3)):
+            if not same_grid(np.shape(array), affine, np.shape(scans[0][0]), scans[0][1]):
                 raise InputError(sources[k], f"channel {k} is on another grid than channel 0; "
                                              "without registration the contrasts of a case "
                                              "must share one grid")

@@ -74,9 +74,8 @@ the first of them a model takes."""
 
 def threshold_channel(contrasts) -> int:
     """The channel intensity thresholding runs on (``BRIGHT_LESION_ORDER``)."""
-    ranked = sorted(range(len(contrasts)), key=lambda k: BRIGHT_LESION_ORDER.index(contrasts[k])
-                    if contrasts[k] in BRIGHT_LESION_ORDER else len(BRIGHT_LESION_ORDER))
-    return ranked[0]
+    rank = {c: i for i, c in enumerate(BRIGHT_LESION_ORDER)}
+    return min(range(len(contrasts)), key=lambda k: rank.get(contrasts[k], len(rank)))
 
 
 def fit_shape(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
