@@ -59,6 +59,14 @@ NLM_H, TV_WEIGHT = 0.4, 0.5
 # the estimate as it is; its low-complexity profile keeps the benchmark in reach on 2 CPU cores.
 BM4D_SIGMA = 1.0
 REGRESSION = "regression (L1, same pairs)"
+# The estimators a diffusion model offers (sampling settings over the model's own): one sample,
+# the mean of 4 (the posterior mean by Monte Carlo, with their spread) and the one-step x0
+# prediction from pure noise (Tweedie's posterior mean E[x | condition] in one evaluation).
+ESTIMATORS = {
+    "one sample": {"samples": 1},
+    "mean of 4 samples": {"samples": 4},
+    "one-step posterior mean": {"sampler": "x0", "steps": 1, "samples": 1},
+}
 
 
 def bm4d_denoiser():
@@ -151,6 +159,24 @@ def scores(pred: np.ndarray, clean: np.ndarray) -> dict:
             "ssim": metrics.ssim(pred / scale, clean / scale, mask=head)}
 
 
+def spread(out, clean: np.ndarray) -> dict:
+    """The samples' spread inside the head, against the actual error of their mean: the mean
+    standard deviation over samples, the RMS error, and how well the spread ranks the error
+    (Spearman correlation over head voxels), all in units of the clean 99th percentile."""
+    std = getattr(out, "std", None)
+    if std is None:
+        return {}
+    from scipy.stats import spearmanr
+
+    head = clean > 0
+    scale = float(np.percentile(clean[head], 99))
+    crop = tuple(slice(0, s) for s in clean.shape)
+    error = np.abs(out.image[crop] - clean)[head] / scale
+    sd = std[crop][head] / scale
+    return {"spread_mean": float(sd.mean()), "rmse": float(np.sqrt((error ** 2).mean())),
+            "spread_error_spearman": float(spearmanr(sd, error).statistic)}
+
+
 def timed(fn, *args, **kwargs):
     started = time.perf_counter()
     out = fn(*args, **kwargs)
@@ -193,7 +219,8 @@ def denoise_rows(cases, models: dict, baselines: bool = True) -> list[dict]:
                 rows.append({"task": "denoise", "level": level, "case": case["clean"].name,
                              "method": name, "seconds": seconds,
                              "nfe_per_slice": info.get("nfe_per_slice", nfe),
-                             "sigma_estimate": info.get("sigma_fraction"), **scores(image, clean)})
+                             "sigma_estimate": info.get("sigma_fraction"), **scores(image, clean),
+                             **spread(out, clean)})
                 print(f"  {level} {case['clean'].name[:7]} {name:24s} PSNR {rows[-1]['psnr']:.2f} "
                       f"SSIM {rows[-1]['ssim']:.4f} {seconds:.1f} s", flush=True)
     return rows
@@ -232,7 +259,8 @@ def superres_rows(cases, models: dict, baselines: bool = True) -> list[dict]:
                 rows.append({"task": "superres", "level": level, "case": case["clean"].name,
                              "method": name, "seconds": seconds,
                              "nfe_per_slice": info.get("nfe_per_slice", nfe),
-                             **scores(getattr(out, "image", out), clean)})
+                             **scores(getattr(out, "image", out), clean),
+                             **spread(out, clean)})
                 print(f"  {level} {case['clean'].name[:7]} {name:24s} PSNR {rows[-1]['psnr']:.2f} "
                       f"SSIM {rows[-1]['ssim']:.4f} {seconds:.1f} s", flush=True)
     return rows
@@ -246,20 +274,22 @@ def summary(rows: list[dict]) -> list[dict]:
     out = []
     for (task, level, method), items in groups.items():
         out.append({"task": task, "level": level, "method": method, "cases": len(items),
-                    "psnr": float(np.mean([r["psnr"] for r in items])),
-                    "ssim": float(np.mean([r["ssim"] for r in items])),
-                    "seconds": float(np.mean([r["seconds"] for r in items])),
+                    **{k: float(np.mean([r[k] for r in items]))
+                       for k in ("psnr", "ssim", "seconds", "spread_mean", "rmse",
+                                 "spread_error_spearman") if k in items[0]},
                     "nfe_per_slice": items[0]["nfe_per_slice"]})
     return out
 
 
 def markdown(table: list[dict], header: str) -> str:
     names = {"noisy05": "noise 5%", "noisy10": "noise 10%", "lowres2": "x2", "lowres4": "x4"}
-    lines = [header, "", "| task | degradation | method | PSNR (dB) | SSIM | NFE/slice | s/scan |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [header, "", "| task | degradation | method | PSNR (dB) | SSIM | NFE/slice | s/scan "
+             "| spread / RMS error | spread-error rank corr. |", "|---|---|---|---|---|---|---|---|---|"]
     for r in table:
+        ratio = (f"{r['spread_mean'] / r['rmse']:.2f} | {r['spread_error_spearman']:.2f}"
+                 if "spread_mean" in r else "- | -")
         lines.append(f"| {r['task']} | {names[r['level']]} | {r['method']} | {r['psnr']:.2f} | "
-                     f"{r['ssim']:.4f} | {r['nfe_per_slice']} | {r['seconds']:.1f} |")
+                     f"{r['ssim']:.4f} | {r['nfe_per_slice']} | {r['seconds']:.1f} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -278,6 +308,10 @@ def parse() -> argparse.Namespace:
                         default=["denoise", "superres"])
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="K=V",
                         help="sampling setting for the diffusion models (steps=10, samples=4)")
+    parser.add_argument("--no-baselines", dest="baselines", action="store_false",
+                        help="leave out the classical methods (for choosing a model's settings)")
+    parser.add_argument("--estimators", nargs="+", choices=list(ESTIMATORS),
+                        default=list(ESTIMATORS), help="the diffusion models' estimators to run")
     parser.add_argument("--no-regression", dest="regression", action="store_false",
                         help="leave out the regression counterparts (trained when missing)")
     parser.add_argument("--device", default="cpu")
@@ -285,11 +319,12 @@ def parse() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def regression_predictor(kind, diffusion_folder: Path, device: str):
+def regression_predictor(kind, diffusion_folder: Path, device: str, **settings):
     """The regression counterpart of a diffusion model folder, run by the same predictor in
     one network evaluation per slice."""
     folder = regression_folder(diffusion_folder)
-    return as_regression(kind.load(folder, device, sampler="x0", steps=1, samples=1))
+    return as_regression(kind.load(folder, device, sampler="x0", steps=1, samples=1,
+                                   **settings))
 
 
 def training_steps(folders: list[Path], regression: bool) -> dict[str, int]:
@@ -304,7 +339,12 @@ def settings_from(overrides: list[str]) -> dict:
     out = {}
     for item in overrides:
         key, value = item.split("=", 1)
-        out[key] = value if key == "sampler" else (float(value) if key == "eta" else int(value))
+        if key == "sampler":
+            out[key] = value
+        elif key == "consistency":
+            out[key] = value.lower() in ("1", "true", "yes", "on")
+        else:
+            out[key] = float(value) if key == "eta" else int(value)
     return out
 
 
@@ -319,21 +359,30 @@ def main() -> None:
     settings = settings_from(args.overrides)
     started, rows = time.perf_counter(), []
     if "denoise" in args.tasks:
-        denoisers = {"diffusion (conditional)": Denoiser.load(args.denoise_model, args.device,
-                                                              **settings)}
+        denoisers = {f"diffusion, {name}": Denoiser.load(args.denoise_model, args.device,
+                                                         **{**settings, **ESTIMATORS[name]})
+                     for name in args.estimators}
         if args.anomaly_model is not None:
             denoisers["diffusion (SDEdit, anomaly model)"] = Denoiser.load(
                 args.anomaly_model, args.device, **settings)
         if args.regression:
             denoisers[REGRESSION] = regression_predictor(Denoiser, args.denoise_model, args.device)
-        rows += denoise_rows(cases, denoisers)
+        rows += denoise_rows(cases, denoisers, args.baselines)
     if "superres" in args.tasks:
-        resolvers = {"diffusion (SR3)": SuperResolver.load(args.superres_model, args.device,
-                                                           **settings)}
+        resolvers = {}
+        for name in args.estimators:
+            chosen = {**settings, **ESTIMATORS[name]}
+            resolvers[f"SR3, {name}"] = SuperResolver.load(args.superres_model, args.device,
+                                                          **chosen)
+            if name == "one sample":  # what data consistency adds to the same sample
+                resolvers[f"SR3, {name}, no consistency"] = SuperResolver.load(
+                    args.superres_model, args.device, **{**chosen, "consistency": False})
         if args.regression:
-            resolvers[REGRESSION] = regression_predictor(SuperResolver, args.superres_model,
-                                                         args.device)
-        rows += superres_rows(cases, resolvers)
+            for consistent in (True, False):
+                name = REGRESSION + ("" if consistent else ", no consistency")
+                resolvers[name] = regression_predictor(SuperResolver, args.superres_model,
+                                                       args.device, consistency=consistent)
+        rows += superres_rows(cases, resolvers, args.baselines)
     table = summary(rows)
     out = REPO / "benchmarks" / "results" / f"enhance-{args.split}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

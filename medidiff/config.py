@@ -315,6 +315,11 @@ class SuperResConfig(_EnhanceConfig):
         default=None,
         description="the super-resolved axes (null: in-plane for 2D models, the slice axis for "
                     "3D models)")
+    consistency: bool = Field(
+        default=True,
+        description="project each sample onto the images whose average over each coarse voxel "
+                    "is the input's (data consistency, as DDNM): exact for partial-volume "
+                    "(averaged) acquisitions, and never farther from such a scan's truth")
 
     @model_validator(mode="after")
     def _check_scales(self) -> SuperResConfig:

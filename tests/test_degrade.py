@@ -9,6 +9,7 @@ from medidiff.data.degrade import (
     add_gaussian_noise,
     add_rician_noise,
     downsample,
+    project_consistent,
     reference_intensity,
     upsample_to,
 )
@@ -97,6 +98,22 @@ def test_upsampled_grid_is_aligned_with_the_fine_grid():
     assert torch.allclose(back[:, :, 2:-4], ramp[:, :, 2:-4], atol=1e-5)  # the end is padded
     blocks = torch.rand(1, 1, 8, 8).repeat_interleave(2, 2).repeat_interleave(2, 3)
     assert torch.equal(upsample_to(downsample(blocks, 2, (0, 1)), (16, 16), mode="nearest"), blocks)
+
+
+def test_consistency_projection_explains_the_measurement_and_moves_towards_the_truth():
+    g = generator()
+    truth = torch.rand(3, 1, 16, 12, 6, generator=g)
+    coarse = downsample(truth, 2, dims=(0, 1))
+    guess = truth + 0.3 * torch.randn(truth.shape, generator=g)
+    projected = project_consistent(guess, coarse, (2, 2, 1))
+    assert torch.allclose(downsample(projected, 2, dims=(0, 1)), coarse, atol=1e-6)
+    # an orthogonal projection onto a set holding the truth: it removes the error's block means,
+    # a quarter of white noise's energy over 2x2 blocks (norm x sqrt(3/4))
+    ratio = float((projected - truth).norm() / (guess - truth).norm())
+    assert ratio == pytest.approx(np.sqrt(0.75), abs=0.03)
+    assert torch.allclose(project_consistent(projected, coarse, (2, 2, 1)), projected, atol=1e-6)
+    with pytest.raises(InputError):
+        project_consistent(guess, coarse, (4, 4, 1))
 
 
 def test_bad_arguments_raise_input_error():

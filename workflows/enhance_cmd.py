@@ -68,6 +68,9 @@ def denoise(model_dir, out_dir, inputs, part_id, num_parts, overwrite, device, r
 @click.option("--scale", type=click.IntRange(min=2), default=None,
               help="Refine the super-resolved axes by this factor (trained: 2 and 4) "
                    "[default: the scan's spacing over the model's target spacing].")
+@click.option("--consistency/--no-consistency", default=None,
+              help="Make each sample average to the input over every coarse voxel (data "
+                   "consistency) [default: the model's, on].")
 @sampling_options
 @sharding_options
 @tracking_options

@@ -160,3 +160,33 @@ def upsample_to(
         x_lr, scale_factor=[float(f) for f in factor], mode=mode, recompute_scale_factor=False, **kwargs
     )
     return up[(..., *(slice(0, s) for s in size))]
+
+
+def project_consistent(fine: torch.Tensor, coarse: torch.Tensor,
+                       factors: Sequence[int]) -> torch.Tensor:
+    """The nearest image to ``fine`` whose :func:`downsample` by ``factors`` is ``coarse``.
+
+    Data consistency for super-resolution (DDNM, Wang et al. 2023, with the averaging operator
+    A and its pseudo-inverse A+ = replicate): ``fine + A+(coarse - A fine)``, the orthogonal
+    projection onto the images that explain the measurement. When ``coarse`` is an exact
+    average of the true image, the projection can only bring ``fine`` closer to it. ``fine`` is
+    (B, C, *spatial) with one factor per spatial axis; ``coarse`` is its measured coarse batch.
+    """
+    n_spatial = _check_batch(fine)
+    factors = tuple(int(f) for f in factors)
+    if len(factors) != n_spatial or min(factors) < 1:
+        raise InputError(None, f"factors must be {n_spatial} positive integers, got {factors}")
+    pool = F.avg_pool2d if n_spatial == 2 else F.avg_pool3d
+    size = fine.shape[2:]
+    pad = []
+    for s, f in zip(reversed(size), reversed(factors), strict=True):
+        pad += [0, -s % f]
+    padded = F.pad(fine, pad, mode="replicate") if any(pad) else fine
+    low = pool(padded, kernel_size=factors, stride=factors)
+    if low.shape != coarse.shape:
+        raise InputError(None, f"coarse batch {tuple(coarse.shape)} is not the {factors}-fold "
+                               f"average of a fine one of {tuple(fine.shape)}")
+    correction = (coarse.to(low) - low)
+    for axis, f in enumerate(factors):
+        correction = correction.repeat_interleave(f, dim=axis + 2)
+    return fine + correction[(..., *(slice(0, s) for s in size))]

@@ -121,11 +121,15 @@ class _Enhancer(Predictor):
         prep.data["image"] = ScaleIntensityRange(low, high, 0.0, 1.0, clip=True)(prep.image)
         return prep.volume, low, high
 
-    def sample(self, draw, volume: torch.Tensor, foreground: np.ndarray, progress=None):
-        """(mean, std or None) over the samples of ``draw`` run on a (1, *spatial) volume."""
+    def sample(self, draw, volume: torch.Tensor, foreground: np.ndarray, progress=None,
+               finish=None):
+        """(mean, std or None) over the samples of ``draw`` run on a (1, *spatial) volume;
+        ``finish`` maps the (samples, *spatial) draws first (data consistency)."""
         samples = self.settings.samples
         runner = GridRunner.for_model(self.cfg, self.settings.batch_size // samples, self.context)
         draws = runner.run(draw, volume, foreground, keep_input(samples), progress)
+        if finish is not None:
+            draws = finish(draws)
         mean = draws.mean(dim=0)
         std = draws.std(dim=0, unbiased=True) if draws.shape[0] > 1 else None
         return mean, std
@@ -296,11 +300,14 @@ class SuperResolver(_Enhancer):
         if not np.allclose(pixdim, spacing, rtol=1e-3):
             prep.data = Chain([CheckResampledSized("image", pixdim),
                                Spacingd(keys="image", pixdim=pixdim, mode="bilinear")])(prep.data)
+        measured = prep.image.as_tensor().float().clone()
         volume, low, high = self.scaled(prep)
         # the finer grid must stay within the voxel limit (a huge scale or spacing would not)
         check_resampled_size(path if path is not None else "array", volume.shape[1:], pixdim,
                              [p / f for p, f in zip(pixdim, factors, strict=True)])
-        mean, std, info = self.super_resolve_grid(volume, factors, progress)
+        # consistency with the scan as measured: unclipped, in the same [0, 1] units
+        measured = (measured - low) / max(high - low, 1e-12)
+        mean, std, info = self.super_resolve_grid(volume, factors, progress, measured)
         affine = fine_affine(np.asarray(prep.image.affine), factors)
         image, out_affine = _reorient(unscale(mean.numpy(), low, high), affine,
                                       prep.original_affine)
@@ -313,8 +320,11 @@ class SuperResolver(_Enhancer):
                                   for s in np.linalg.norm(out_affine[:3, :3], axis=0)]
         return EnhanceResult(image, spread, out_affine, before, mean.numpy(), info)
 
-    def super_resolve_grid(self, volume: torch.Tensor, factors, progress=None):
-        """Super-resolve a coarse (1, h, w, d) volume in [0, 1] by per-axis ``factors``."""
+    def super_resolve_grid(self, volume: torch.Tensor, factors, progress=None,
+                           measured: torch.Tensor | None = None):
+        """Super-resolve a coarse (1, h, w, d) volume in [0, 1] by per-axis ``factors``; with
+        ``superres.consistency`` each sample is made consistent with ``measured`` (the same
+        volume before clipping to [0, 1]; default ``volume``)."""
         condition = resample(volume, factors, self.cfg)
         foreground = foreground_mask(condition[0].numpy(), self.cfg.data.foreground_threshold)
         label = scale_label(max(factors), self.cfg)
@@ -322,8 +332,15 @@ class SuperResolver(_Enhancer):
                                  self.context, sr_residual_unit(max(factors)), self.device)
         info = {"factors": list(factors), "class_label": label,
                 "trained_scale": self.cfg.superres.scales[label],
+                "consistency": self.settings.consistency,
                 "nfe_per_slice": self.nfe_per_slice(self.schedule.num_train_timesteps - 1)}
-        return self.sample(draw, condition, foreground, progress) + (info,)
+        finish = None
+        if self.settings.consistency:
+            def finish(draws: torch.Tensor) -> torch.Tensor:
+                coarse = volume if measured is None else measured
+                coarse = coarse[None].expand(draws.shape[0], *coarse.shape).to(draws)
+                return degrade.project_consistent(draws[:, None], coarse, factors)[:, 0]
+        return self.sample(draw, condition, foreground, progress, finish) + (info,)
 
 
 def _reorient(array: np.ndarray, affine: np.ndarray, original_affine: np.ndarray):
