@@ -38,6 +38,7 @@ PredictionType = one_of(names.PREDICTION_TYPES)
 AmpMode = one_of(names.AMP_MODES)
 LossWeighting = one_of(names.LOSS_WEIGHTINGS)
 NoiseKind = one_of(names.NOISE_KINDS)
+DiffusionNoise = one_of(names.DIFFUSION_NOISES)
 EncodingName = one_of(names.ENCODINGS)
 FusionName = one_of(names.FUSIONS)
 ResampleMode = one_of(names.RESAMPLE_MODES)
@@ -144,6 +145,18 @@ class DiffusionConfig(_Section):
     beta_end: float = Field(default=0.02, gt=0, description="the schedule's last beta")
     prediction_type: PredictionType = Field(
         default="epsilon", description="what the network predicts")
+    noise: DiffusionNoise = Field(
+        default="gaussian",
+        description="the noise the model is trained and sampled with: `gaussian`, or `simplex` "
+                    "(AnoDDPM's octaves of simplex noise, standardised: low-frequency noise that "
+                    "hides whole lesions from the reconstruction; training draws cost more)")
+    noise_patch: int | None = Field(
+        default=None, ge=4,
+        description="pDDPM: noise one random square patch of this many voxels per training "
+                    "example, leave the rest clean, and count the loss in the patch only; "
+                    "anomaly scoring then reconstructs the image patch by patch (tiles covering "
+                    "the slice, each noised with the rest as context: NFE times the tiles). "
+                    "null: the whole image")
 
 
 class TrainConfig(_Section):
@@ -485,6 +498,9 @@ class Config(_Section):
                              "samples from pure noise and must learn every level")
         if limit is not None and self.task == "anomaly" and max(self.anomaly.noise_levels) >= limit:
             raise ValueError(f"anomaly.noise_levels must stay below train.max_timestep ({limit})")
+        if self.diffusion.noise_patch is not None and self.task != "anomaly":
+            raise ValueError(f"diffusion.noise_patch is for anomaly models (pDDPM); a {self.task} "
+                             "model generates its whole image")
         return self
 
     @model_validator(mode="after")

@@ -32,6 +32,9 @@ NOISE_SCHEDULES = ("linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine"
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 """What the network predicts (``diffusion.prediction_type``)."""
 
+DIFFUSION_NOISES = ("gaussian", "simplex")
+"""The noise of the diffusion process (``diffusion.noise``; ``diffusion.noise``)."""
+
 LOSS_WEIGHTINGS = ("uniform", "min_snr")
 """How the training loss weighs noise levels (``train.loss_weighting``; ``training.loss``)."""
 
@@ -89,6 +92,7 @@ __all__ = [
     "AMP_MODES",
     "ANOMALY_METHODS",
     "CONTRASTS",
+    "DIFFUSION_NOISES",
     "BIAS_CORRECTIONS",
     "ENCODINGS",
     "FUSIONS",

@@ -96,13 +96,14 @@ def _denoise(model, x, t, schedule, extra_args, clip) -> tuple[torch.Tensor, tor
     return eps, x0
 
 
-def _randn(x: torch.Tensor, generator) -> torch.Tensor:
-    """Noise like ``x`` from a ``torch.Generator``, or one per row from a ``StackedGenerator``."""
-    if isinstance(generator, StackedGenerator):
-        return generator.randn_like(x)
-    device = generator.device if generator is not None else x.device
-    z = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
-    return z.to(x.device)
+def _randn(x: torch.Tensor, generator, schedule: NoiseSchedule) -> torch.Tensor:
+    """The schedule's noise like ``x`` from a ``torch.Generator``, or one per row from a
+    ``StackedGenerator``."""
+    if schedule.noise == "gaussian" and not isinstance(generator, StackedGenerator):
+        device = generator.device if generator is not None else x.device
+        z = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
+        return z.to(x.device)
+    return schedule.draw_noise(x.shape, generator, dtype=x.dtype, device=x.device)
 
 
 def _pairs(ts: list[int]) -> list[tuple[int, int, int]]:
@@ -125,7 +126,7 @@ def ddpm(
         x = c0 * x0 + ct * x
         if s >= 0:
             var = max((1.0 - ab_s) / (1.0 - ab_t) * (1.0 - a_ts), 1e-20)
-            x = x + math.sqrt(var) * _randn(x, generator)
+            x = x + math.sqrt(var) * _randn(x, generator, schedule)
         if callback is not None:
             callback({"i": i, "t": t, "x": x, "x0": x0})
     return x
@@ -152,7 +153,7 @@ def ddim(
         sigma = eta * math.sqrt((1.0 - ab_s) / (1.0 - ab_t) * (1.0 - ab_t / ab_s))
         x = math.sqrt(ab_s) * x0 + math.sqrt(max(1.0 - ab_s - sigma**2, 0.0)) * eps
         if sigma > 0:
-            x = x + sigma * _randn(x, generator)
+            x = x + sigma * _randn(x, generator, schedule)
         if callback is not None:
             callback({"i": i, "t": t, "x": x, "x0": x0})
     return x

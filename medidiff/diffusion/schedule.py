@@ -1,5 +1,7 @@
-"""The forward (noising) process: MONAI's beta schedules and ``add_noise``, plus the conversions
-between what a network predicts (eps, v or x0) that every sampler and the training loss share."""
+"""The forward (noising) process: MONAI's beta schedules and ``add_noise``, the noise itself
+(Gaussian, or AnoDDPM's simplex noise; optionally confined to one patch, as pDDPM's), plus the
+conversions between what a network predicts (eps, v or x0) that every sampler and the training
+loss share."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from typing import Any
 import torch
 from monai.networks.schedulers import DDPMScheduler, NoiseSchedules
 
+from medidiff.diffusion.noise import NOISES, draw
 from medidiff.errors import ConfigError
 from medidiff.names import PREDICTION_TYPES
 
@@ -44,6 +47,8 @@ class NoiseSchedule:
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
         prediction_type: str = "epsilon",
+        noise: str = "gaussian",
+        noise_patch: int | None = None,
         **schedule_args: Any,
     ) -> None:
         if int(num_train_timesteps) < 2:
@@ -52,8 +57,14 @@ class NoiseSchedule:
             raise ConfigError(
                 f"prediction_type: {prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}"
             )
+        if noise not in NOISES:
+            raise ConfigError(f"noise: {noise!r} is not one of {', '.join(NOISES)}")
+        if noise_patch is not None and int(noise_patch) < 4:
+            raise ConfigError(f"noise_patch: must be at least 4 voxels, got {noise_patch}")
         self.num_train_timesteps = int(num_train_timesteps)
         self.schedule = schedule
+        self.noise = noise
+        self.noise_patch = None if noise_patch is None else int(noise_patch)
         self.prediction_type = prediction_type
         self.schedule_args = _schedule_args(schedule, beta_start, beta_end, schedule_args)
         self._monai = self.to_monai()
@@ -79,6 +90,8 @@ class NoiseSchedule:
             "num_train_timesteps": self.num_train_timesteps,
             "schedule": self.schedule,
             "prediction_type": self.prediction_type,
+            "noise": self.noise,
+            "noise_patch": self.noise_patch,
             **self.schedule_args,
         }
 
@@ -91,6 +104,12 @@ class NoiseSchedule:
         t = torch.as_tensor(t, dtype=torch.long).reshape(-1).cpu()
         ab = self.alphas_cumprod[t]
         return ab.to(device=like.device, dtype=like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+
+    def draw_noise(self, shape, generator=None, *, dtype: torch.dtype = torch.float32,
+                   device: torch.device | str | None = None) -> torch.Tensor:
+        """The process's noise (standard normal, or standardised simplex as AnoDDPM's) of
+        ``shape``, from a ``torch.Generator`` or a ``StackedGenerator``."""
+        return draw(self.noise, shape, generator, dtype=dtype, device=device)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x_t from x0 (MONAI's ``add_noise``; ``t`` is a (B,) LongTensor)."""

@@ -38,19 +38,45 @@ class VPLoss:
     def __call__(self, net: Any, inputs: Any, schedule: NoiseSchedule,
                  generator: torch.Generator) -> torch.Tensor:
         target = inputs.target
-        noise = torch.randn(target.shape, generator=generator).to(target.device)
+        noise = schedule.draw_noise(target.shape, generator).to(target.device)
         t = torch.randint(0, self.max_timestep, (target.shape[0],),
                           generator=generator).to(target.device)
         x_t = schedule.add_noise(target, noise, t)
+        patch = None
+        if schedule.noise_patch is not None:  # pDDPM: one noised patch, the rest clean context
+            patch = patch_masks(target.shape, schedule.noise_patch, generator).to(target.device)
+            x_t = torch.where(patch, x_t, target)
         if inputs.condition is not None:
             x_t = torch.cat([x_t, inputs.condition], dim=1)
         pred = net(x_t, timesteps=t, class_labels=inputs.class_labels)
         goal = schedule.training_target(target, noise, t)
         weight = self.weight(schedule, t)
-        if weight is None:
+        if weight is None and patch is None:
             return torch.nn.functional.mse_loss(pred.float(), goal.float())
-        error = (pred.float() - goal.float()).pow(2).flatten(1).mean(dim=1)
+        error = (pred.float() - goal.float()).pow(2)
+        if patch is None:
+            error = error.flatten(1).mean(dim=1)
+        else:
+            keep = patch.expand_as(error).flatten(1).float()
+            error = (error.flatten(1) * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1.0)
+        if weight is None:
+            return error.mean()
         return (weight.to(error.device) * error).mean()
+
+
+def patch_masks(shape, size: int, generator: torch.Generator) -> torch.Tensor:
+    """(B, 1, *spatial) boolean masks, each one square (cubic) patch of ``size`` voxels per
+    side (at most the image) at a position drawn uniformly inside the image."""
+    batch, _, *spatial = shape
+    mask = torch.zeros(batch, 1, *spatial, dtype=torch.bool)
+    for row in range(batch):
+        box = [row, slice(None)]
+        for n in spatial:
+            side = min(int(size), n)
+            start = int(torch.randint(0, n - side + 1, (1,), generator=generator))
+            box.append(slice(start, start + side))
+        mask[tuple(box)] = True
+    return mask
 
 
 class MinSNRLoss(VPLoss):

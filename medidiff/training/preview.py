@@ -26,7 +26,7 @@ def preview_grid(net: torch.nn.Module, inputs: Any, schedule: NoiseSchedule, t_s
     condition = None if inputs.condition is None else inputs.condition.to(device)
     labels = None if inputs.class_labels is None else inputs.class_labels.to(device)
     shape = inputs.target.shape
-    x = torch.randn(shape, generator=generator)
+    x = schedule.draw_noise(shape, generator)
     if t_start < schedule.num_train_timesteps - 1:  # reconstruct from partial noise
         start = torch.full((shape[0],), t_start, dtype=torch.long)
         x = schedule.add_noise(inputs.target, x, start)

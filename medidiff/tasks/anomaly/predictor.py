@@ -22,6 +22,7 @@ from medidiff.inference.grid import GridRunner
 from medidiff.inference.predictor import Predictor, Prepared
 from medidiff.io.write import save_nifti
 from medidiff.models.folder import LoadedModel
+from medidiff.models.unet import spatial_multiple
 from medidiff.tasks.anomaly import baselines
 from medidiff.tasks.anomaly.figures import anomaly_figure
 from medidiff.tasks.anomaly.presets import preset_settings
@@ -32,6 +33,7 @@ from medidiff.tasks.anomaly.scoring import (
     postprocess,
     reconstruct,
     scan_score,
+    tiles_per_slice,
 )
 from medidiff.tasks.anomaly.task import AnomalyTask
 
@@ -96,9 +98,15 @@ class AnomalyDetector(Predictor):
         given = {k: v for k, v in options.items() if v is not None}
         return super().from_model(model, device, **{**preset_settings(preset), **given})
 
+    @property
+    def tiles(self) -> int:
+        """Tiles per slice (or window) of a patch-wise (pDDPM) model; 1 otherwise."""
+        return tiles_per_slice(self.cfg.data.patch or self.cfg.data.size,
+                               self.schedule.noise_patch, spatial_multiple(self.cfg.model.channels))
+
     def describe(self) -> dict:
         entry = self.entry or {}
-        return {**super().describe(), **describe(self.settings, self.method),
+        return {**super().describe(), **describe(self.settings, self.method, self.tiles),
                 "calibrated": self.entry is not None,
                 "voxel_threshold": entry.get("voxel_threshold"),
                 "scan_threshold": entry.get("scan_threshold")}
@@ -165,7 +173,8 @@ class AnomalyDetector(Predictor):
                     progress=None) -> tuple[np.ndarray, np.ndarray]:
         """Residual and reconstruction of a (C, H, W, D) volume (slices without foreground:
         residual 0, reconstruction the input)."""
-        runner = GridRunner.for_model(self.cfg, self.settings.batch_size // self.settings.draws)
+        runner = GridRunner.for_model(self.cfg, self.settings.batch_size
+                                      // (self.settings.draws * self.tiles))
 
         def run(batch: torch.Tensor, ids) -> torch.Tensor:
             return reconstruct(self.net, batch, ids, self.schedule, self.settings,

@@ -11,6 +11,8 @@ Settings are the model's ``anomaly`` config section (``AnomalyConfig``) plus a m
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 from scipy import ndimage
@@ -38,20 +40,55 @@ def check_settings(settings: AnomalyConfig, method: str, trained_timesteps: int)
         timestep_schedule(level, min(settings.steps, level), trained_timesteps)
 
 
-def nfe_per_slice(settings: AnomalyConfig, method: str) -> int:
+def nfe_per_slice(settings: AnomalyConfig, method: str, tiles: int = 1) -> int:
+    """Network evaluations per slice (or window); a patch-wise (pDDPM) model's ``tiles``
+    multiply them."""
     if method != "diffusion":
         return 0
-    return len(settings.noise_levels) * settings.draws * nfe(settings.sampler, settings.steps)
+    return (len(settings.noise_levels) * settings.draws * tiles
+            * nfe(settings.sampler, settings.steps))
 
 
-def describe(settings: AnomalyConfig, method: str) -> dict:
+def describe(settings: AnomalyConfig, method: str, tiles: int = 1) -> dict:
     return {"method": method, **settings.model_dump(mode="json"),
-            "nfe_per_slice": nfe_per_slice(settings, method)}
+            "nfe_per_slice": nfe_per_slice(settings, method, tiles)}
 
 
 def calibration_key(settings: AnomalyConfig, method: str) -> dict:
     keys = CALIBRATION_KEYS if method == "diffusion" else BASELINE_CALIBRATION_KEYS
     return {k: v for k, v in describe(settings, method).items() if k in keys}
+
+
+def patch_tiles(size, patch: int | None) -> list[tuple[slice, ...]]:
+    """The boxes pDDPM-style scoring noises one at a time: tiles of ``patch`` voxels per side
+    covering a grid of ``size`` (the last tile along an axis moved back to end at the edge, so
+    it overlaps its neighbour); one box over the whole grid when ``patch`` is None."""
+    if patch is None:
+        return [tuple(slice(0, int(n)) for n in size)]
+    starts = []
+    for n in size:
+        n, side = int(n), min(int(patch), int(n))
+        axis = list(range(0, n - side + 1, side))
+        if axis[-1] + side < n:
+            axis.append(n - side)
+        starts.append([slice(a, a + side) for a in axis])
+    return list(itertools.product(*starts))
+
+
+def tiles_per_slice(size, patch: int | None, multiple: int = 1) -> int:
+    """How many tiles a slice (or window) of ``size``, padded to ``multiple``, is scored in."""
+    return len(patch_tiles([-(-int(n) // multiple) * multiple for n in size], patch))
+
+
+def _context_model(net, clean: torch.Tensor, box: torch.Tensor):
+    """The network seeing the sampler's state inside ``box`` only and the clean image
+    elsewhere, as pDDPM trains it: at every step the context is the scan itself."""
+    model = model_fn(net)
+
+    def call(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return model(torch.where(box, x_t, clean), t)
+
+    return call
 
 
 @torch.no_grad()
@@ -61,25 +98,42 @@ def reconstruct(net, images: torch.Tensor, ids: list[tuple[int, ...]], schedule:
     of several), and the mean reconstruction of channel 0.
 
     ``images`` is a batch (B, C, *S) in [0, 1]; ``ids`` names each row (its slice, its window),
-    and every (row, draw, level) draws its own seeded noise. The draws are folded into the batch.
+    and every (row, draw, level) draws its own seeded noise from the model's noise
+    (``diffusion.noise``). The draws are folded into the batch. A model trained on noised
+    patches (``diffusion.noise_patch``, pDDPM) is scored tile by tile: each tile is noised
+    with the rest of the image as clean context and only its reconstruction is kept.
     """
     sampler = get_sampler(settings.sampler)
     options = {"eta": settings.eta} if settings.sampler == "ddim" else {}
     draws = settings.draws
+    tiles = patch_tiles(images.shape[2:], schedule.noise_patch)
     x = images.to(device) * 2.0 - 1.0
-    repeated = x.repeat_interleave(draws, dim=0)
-    model = model_fn(net)
+    copies = draws * len(tiles)
+    repeated = x.repeat_interleave(copies, dim=0)
+    box = torch.zeros((copies, 1, *x.shape[2:]), dtype=torch.bool, device=device)
+    for index, tile in enumerate(tiles):
+        box[(slice(index, None, len(tiles)), slice(None), *tile)] = True
+    box = box.repeat(x.shape[0], 1, *[1] * (x.ndim - 2))
+    patched = schedule.noise_patch is not None
+    model = _context_model(net, repeated, box) if patched else model_fn(net)
+    weight = box.float().reshape(x.shape[0], draws, len(tiles), 1, *x.shape[2:]).sum(dim=2)
     residual = torch.zeros_like(x[:, :1])
     recon = torch.zeros_like(x[:, :1])
     for index, level in enumerate(settings.noise_levels):
-        generator = StackedGenerator([sample_seed(settings.seed, index, draw, *row)
-                                      for row in ids for draw in range(draws)])
-        noise = generator.randn(repeated.shape).to(device)
+        seeds = [sample_seed(settings.seed, index, draw, *([tile] if patched else []), *row)
+                 for row in ids for draw in range(draws) for tile in range(len(tiles))]
+        generator = StackedGenerator(seeds)
+        noise = schedule.draw_noise(repeated.shape, generator, device=device)
         t = torch.full((repeated.shape[0],), level, dtype=torch.long, device=device)
         x_t = schedule.add_noise(repeated, noise, t)
+        if patched:
+            x_t = torch.where(box, x_t, repeated)
         steps = timestep_schedule(level, min(settings.steps, level), schedule.num_train_timesteps)
         x_hat = sampler(model, x_t, steps, schedule, generator=generator, clip=True, **options)
-        drawn = ((x_hat + 1.0) / 2.0).reshape(x.shape[0], draws, *x.shape[1:])
+        if patched:  # each tile's reconstruction, averaged where the last tiles overlap
+            x_hat = torch.where(box, x_hat, 0.0)
+        x_hat = x_hat.reshape(x.shape[0], draws, len(tiles), *x.shape[1:]).sum(dim=2)
+        drawn = (x_hat / weight + 1.0) / 2.0
         residual += (images.to(device)[:, None] - drawn).abs().mean(dim=(1, 2))[:, None]
         recon += drawn[:, :, :1].mean(dim=1)
     count = len(settings.noise_levels)
