@@ -63,8 +63,8 @@ REGRESSION = "regression (L1, same pairs)"
 # the mean of 4 (the posterior mean by Monte Carlo, with their spread) and the one-step x0
 # prediction from pure noise (Tweedie's posterior mean E[x | condition] in one evaluation).
 ESTIMATORS = {
-    "one sample": {"samples": 1},
-    "mean of 4 samples": {"samples": 4},
+    "one sample": {"sampler": "ddim", "steps": 2, "eta": 0.0, "samples": 1},
+    "mean of 4 samples": {"sampler": "ddim", "steps": 2, "eta": 0.0, "samples": 4},
     "one-step posterior mean": {"sampler": "x0", "steps": 1, "samples": 1},
 }
 
@@ -163,7 +163,7 @@ def spread(out, clean: np.ndarray) -> dict:
     """The samples' spread inside the head, against the actual error of their mean: the mean
     standard deviation over samples, the RMS error, and how well the spread ranks the error
     (Spearman correlation over head voxels), all in units of the clean 99th percentile."""
-    std = getattr(out, "std", None)
+    std = out.std if hasattr(out, "image") else None  # an EnhanceResult (an array has .std())
     if std is None:
         return {}
     from scipy.stats import spearmanr
@@ -315,6 +315,9 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--no-regression", dest="regression", action="store_false",
                         help="leave out the regression counterparts (trained when missing)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--results", default=None,
+                        help="name of the results file in benchmarks/results/ (default: "
+                             "enhance-<split>) and, with --write-docs, of the docs section")
     parser.add_argument("--write-docs", action="store_true")
     return parser.parse_args()
 
@@ -384,7 +387,8 @@ def main() -> None:
                                                        args.device, consistency=consistent)
         rows += superres_rows(cases, resolvers, args.baselines)
     table = summary(rows)
-    out = REPO / "benchmarks" / "results" / f"enhance-{args.split}.json"
+    name = args.results or f"enhance-{args.split}"
+    out = REPO / "benchmarks" / "results" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     steps = training_steps([m for m in models.values() if m], args.regression)
     out.write_text(json.dumps({"rows": rows, "summary": table, "settings": settings,
@@ -398,7 +402,7 @@ def main() -> None:
     text = markdown(table, header)
     print(text)
     if args.write_docs:
-        write_section("enhance", text)
+        write_section("enhance" if args.results is None else name, text)
 
 
 if __name__ == "__main__":
