@@ -37,6 +37,7 @@ ScheduleName = one_of(names.NOISE_SCHEDULES)
 PredictionType = one_of(names.PREDICTION_TYPES)
 AmpMode = one_of(names.AMP_MODES)
 LossWeighting = one_of(names.LOSS_WEIGHTINGS)
+LossNorm = one_of(names.LOSS_NORMS)
 NoiseKind = one_of(names.NOISE_KINDS)
 DiffusionNoise = one_of(names.DIFFUSION_NOISES)
 EncodingName = one_of(names.ENCODINGS)
@@ -202,6 +203,11 @@ class TrainConfig(_Section):
                     "levels from dominating and converges faster")
     min_snr_gamma: float = Field(default=5.0, gt=0,
                                  description="the SNR cap of `loss_weighting: min_snr`")
+    loss_norm: LossNorm = Field(
+        default="l2",
+        description="the per-voxel error: `l2` (DDPM's squared error, whose minimiser is the "
+                    "posterior mean) or `l1` (absolute error, as SR3 and Palette offer and "
+                    "regression super-resolution networks train with)")
     max_timestep: int | None = Field(
         default=None, ge=1,
         description="train on noise levels below this only: a model used from partial noise "

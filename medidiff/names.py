@@ -35,6 +35,9 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 DIFFUSION_NOISES = ("gaussian", "simplex")
 """The noise of the diffusion process (``diffusion.noise``; ``diffusion.noise``)."""
 
+LOSS_NORMS = ("l2", "l1")
+"""The per-voxel error of the training loss (``train.loss_norm``; ``training.loss``)."""
+
 LOSS_WEIGHTINGS = ("uniform", "min_snr")
 """How the training loss weighs noise levels (``train.loss_weighting``; ``training.loss``)."""
 
@@ -100,6 +103,7 @@ __all__ = [
     "IMPORT_FORMATS",
     "INFERENCE_BACKENDS",
     "INPUT_KINDS",
+    "LOSS_NORMS",
     "LOSS_WEIGHTINGS",
     "NOISE_KINDS",
     "NOISE_SCHEDULES",

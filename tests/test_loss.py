@@ -39,3 +39,22 @@ def test_the_config_chooses_the_weighting():
     loss = loss_from_config(load_config(path, ["train.loss_weighting=min_snr",
                                                "train.min_snr_gamma=2"]))
     assert isinstance(loss, MinSNRLoss) and loss.gamma == 2.0
+
+
+def test_l1_norm_takes_the_absolute_error_of_the_same_draws():
+    from types import SimpleNamespace
+
+    schedule = NoiseSchedule(prediction_type="sample")
+    target = torch.rand(4, 1, 8, 8) * 2 - 1
+    inputs = SimpleNamespace(target=target, condition=None, class_labels=None)
+
+    def net(x, timesteps, class_labels=None):
+        return target + 0.5  # off by 0.5 everywhere: L1 0.5, MSE 0.25
+
+    l1 = VPLoss(1000, norm="l1")(net, inputs, schedule, torch.Generator().manual_seed(0))
+    l2 = VPLoss(1000)(net, inputs, schedule, torch.Generator().manual_seed(0))
+    assert float(l1) == pytest.approx(0.5) and float(l2) == pytest.approx(0.25)
+    path = REPO / "configs" / "superres" / "cpu-tiny.yaml"
+    assert loss_from_config(load_config(path, ["train.loss_norm=l1"])).norm == "l1"
+    with pytest.raises(Exception, match="loss_norm"):
+        load_config(path, ["train.loss_norm=huber"])

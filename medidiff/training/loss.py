@@ -25,11 +25,14 @@ class Loss(Protocol):
 
 class VPLoss:
     """The DDPM loss (Ho et al. 2020) of a variance-preserving schedule: timesteps uniform in
-    ``[0, max_timestep)``, unweighted MSE to the schedule's prediction target (eps, v or x0, as
-    ``diffusion.prediction_type`` says)."""
+    ``[0, max_timestep)``, unweighted MSE (or, with ``norm="l1"``, mean absolute error) to the
+    schedule's prediction target (eps, v or x0, as ``diffusion.prediction_type`` says)."""
 
-    def __init__(self, max_timestep: int):
+    def __init__(self, max_timestep: int, norm: str = "l2"):
+        if norm not in ("l1", "l2"):
+            raise ValueError(f"norm {norm!r} is not one of l1, l2")
         self.max_timestep = int(max_timestep)
+        self.norm = norm
 
     def weight(self, schedule: NoiseSchedule, t: torch.Tensor) -> torch.Tensor | None:
         """Per-example weight of the MSE at timesteps ``t`` (None: all equal)."""
@@ -51,9 +54,10 @@ class VPLoss:
         pred = net(x_t, timesteps=t, class_labels=inputs.class_labels)
         goal = schedule.training_target(target, noise, t)
         weight = self.weight(schedule, t)
+        difference = pred.float() - goal.float()
+        error = difference.abs() if self.norm == "l1" else difference.pow(2)
         if weight is None and patch is None:
-            return torch.nn.functional.mse_loss(pred.float(), goal.float())
-        error = (pred.float() - goal.float()).pow(2)
+            return error.mean()
         if patch is None:
             error = error.flatten(1).mean(dim=1)
         else:
@@ -84,8 +88,8 @@ class MinSNRLoss(VPLoss):
     Strategy", ICCV 2023): the x0 error of each noise level weighs min(SNR, gamma), written for
     the network's prediction target; nearly clean levels no longer dominate the gradient."""
 
-    def __init__(self, max_timestep: int, gamma: float = 5.0):
-        super().__init__(max_timestep)
+    def __init__(self, max_timestep: int, gamma: float = 5.0, norm: str = "l2"):
+        super().__init__(max_timestep, norm)
         self.gamma = float(gamma)
 
     def weight(self, schedule: NoiseSchedule, t: torch.Tensor) -> torch.Tensor:
@@ -101,5 +105,5 @@ def loss_from_config(cfg: Config) -> VPLoss:
     """The loss a config trains with: timesteps below ``cfg.trained_timesteps()``, weighted
     as ``train.loss_weighting`` says."""
     if cfg.train.loss_weighting == "min_snr":
-        return MinSNRLoss(cfg.trained_timesteps(), cfg.train.min_snr_gamma)
-    return VPLoss(max_timestep=cfg.trained_timesteps())
+        return MinSNRLoss(cfg.trained_timesteps(), cfg.train.min_snr_gamma, cfg.train.loss_norm)
+    return VPLoss(max_timestep=cfg.trained_timesteps(), norm=cfg.train.loss_norm)
