@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from medidiff.api import AnomalyDetector
+from medidiff.api import AnomalyDetector, Denoiser
 from medidiff.config import AnomalyConfig, load_config
 from medidiff.diffusion import noise
 from medidiff.diffusion.noise import StackedGenerator
 from medidiff.diffusion.schedule import NoiseSchedule
-from medidiff.errors import ConfigError
+from medidiff.errors import ConfigError, ModelFolderError
 from medidiff.tasks.anomaly.scoring import patch_tiles, reconstruct
 from medidiff.tasks.registry import get_task
 from medidiff.tracking import Tracker
@@ -139,6 +139,9 @@ def test_a_tiny_model_with_simplex_noise_on_noised_patches_trains_and_scores(exa
     assert np.isfinite(result.anomaly_map).all() and result.anomaly_map.max() > 0
     assert detector.tiles == 12  # 16-voxel tiles over the 48 x 56 slice: 3 x 4
     assert detector.describe()["nfe_per_slice"] == 12  # one level, one draw, one x0 step
+    # zero-shot SDEdit takes the scan's own (Gaussian) noise for the model's: refused in one line
+    with pytest.raises(ModelFolderError, match="Gaussian noise on the whole image"):
+        Denoiser.load(tmp_path / "model", device="cpu")
 
 
 def test_noise_patch_is_for_anomaly_models_only():

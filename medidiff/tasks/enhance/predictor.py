@@ -195,6 +195,12 @@ class Denoiser(_Enhancer):
             raise ModelFolderError(folder, f"holds a '{model.task}' model; denoising needs a "
                                            "'denoise' model or an unconditional one (such as "
                                            "an 'anomaly' model) for zero-shot SDEdit")
+        diffusion = model.config.diffusion
+        if model.task != "denoise" and (diffusion.noise != "gaussian"
+                                        or diffusion.noise_patch is not None):
+            raise ModelFolderError(folder, "was trained with simplex noise or noised patches; "
+                                           "zero-shot SDEdit takes the scan's own noise for the "
+                                           "model's, so it needs Gaussian noise on the whole image")
         return model
 
     @property

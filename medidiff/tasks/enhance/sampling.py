@@ -47,7 +47,7 @@ def conditional_draws(net, schedule: NoiseSchedule, settings, label: int, contex
         generator = _generator(settings, ids)
         cond = (condition * 2.0 - 1.0).repeat_interleave(n, dim=0).to(device)
         labels = torch.full((cond.shape[0],), label, dtype=torch.long, device=device)
-        noise = generator.randn((cond.shape[0], 1, *cond.shape[2:])).to(device)
+        noise = schedule.draw_noise((cond.shape[0], 1, *cond.shape[2:]), generator, device=device)
         residual = _sample(model_fn(net, cond, labels), noise, t_start, settings, schedule,
                            generator, settings.eta, clip=False)
         middle = condition[:, context:context + 1].repeat_interleave(n, dim=0)

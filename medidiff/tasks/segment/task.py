@@ -165,7 +165,7 @@ def sample_probabilities(net, images: torch.Tensor, ids: list[tuple[int, ...]], 
                                       for row, sample in chunk])
         rows = torch.as_tensor([row for row, _ in chunk])
         condition = images[rows].to(device) * 2.0 - 1.0
-        x = generator.randn((len(chunk), *code_shape)).to(device)
+        x = schedule.draw_noise((len(chunk), *code_shape), generator, device=device)
         code = get_sampler(settings.sampler)(model_fn(net, condition), x, steps, schedule,
                                              generator=generator, clip=True, **options)
         chunks.append(decode_probabilities(code, section.num_classes, section.encoding).cpu())
