@@ -115,15 +115,19 @@ def downsample(x: torch.Tensor, factor: int, dims: Sequence[int]) -> torch.Tenso
     ``i`` covers fine voxels ``factor*i .. factor*i + factor - 1`` and its centre is at fine index
     ``factor*i + (factor - 1)/2`` (this is how the affine of the coarse grid is updated).
     """
-    n_spatial = _check_batch(x)
-    factors = _factors(factor, dims, n_spatial)
+    return _average(x, _factors(factor, dims, _check_batch(x)))
+
+
+def _average(x: torch.Tensor, factors: Sequence[int]) -> torch.Tensor:
+    """Block averages of a batch, ``factors[d]`` voxels along spatial axis d, the end padded by
+    repeating the edge where a size is not a multiple."""
     pad = []
     for size, f in zip(reversed(x.shape[2:]), reversed(factors), strict=True):
         pad += [0, -size % f]
     if any(pad):
         x = F.pad(x, pad, mode="replicate")
-    pool = F.avg_pool2d if n_spatial == 2 else F.avg_pool3d
-    return pool(x, kernel_size=factors, stride=factors)
+    pool = F.avg_pool2d if x.ndim == 4 else F.avg_pool3d
+    return pool(x, kernel_size=tuple(factors), stride=tuple(factors))
 
 
 def upsample_to(
@@ -176,13 +180,8 @@ def project_consistent(fine: torch.Tensor, coarse: torch.Tensor,
     factors = tuple(int(f) for f in factors)
     if len(factors) != n_spatial or min(factors) < 1:
         raise InputError(None, f"factors must be {n_spatial} positive integers, got {factors}")
-    pool = F.avg_pool2d if n_spatial == 2 else F.avg_pool3d
     size = fine.shape[2:]
-    pad = []
-    for s, f in zip(reversed(size), reversed(factors), strict=True):
-        pad += [0, -s % f]
-    padded = F.pad(fine, pad, mode="replicate") if any(pad) else fine
-    low = pool(padded, kernel_size=factors, stride=factors)
+    low = _average(fine, factors)
     if low.shape != coarse.shape:
         raise InputError(None, f"coarse batch {tuple(coarse.shape)} is not the {factors}-fold "
                                f"average of a fine one of {tuple(fine.shape)}")

@@ -22,7 +22,7 @@ def sample_seed(*parts: int) -> int:
 
 
 class StackedGenerator:
-    """One ``torch.Generator`` per batch row; ``randn_like(x)`` stacks their draws."""
+    """One ``torch.Generator`` per batch row; ``randn(shape)`` stacks their draws."""
 
     def __init__(self, seeds: Sequence[int]):
         self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
@@ -30,15 +30,16 @@ class StackedGenerator:
     def __len__(self) -> int:
         return len(self.generators)
 
-    def randn(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """(len(self), *shape[1:]) standard normal noise on the CPU."""
+    def per_row(self, shape: Sequence[int], row_noise) -> torch.Tensor:
+        """(len(self), *shape[1:]): ``row_noise(row_shape, generator)`` for each row's own
+        generator, stacked."""
         if shape[0] != len(self.generators):
             raise ValueError(f"batch of {shape[0]} rows, but {len(self.generators)} generators")
-        return torch.stack([torch.randn(tuple(shape[1:]), generator=g, dtype=dtype)
-                            for g in self.generators])
+        return torch.stack([row_noise(tuple(shape[1:]), g) for g in self.generators])
 
-    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
-        return self.randn(x.shape, dtype=x.dtype).to(x.device)
+    def randn(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(len(self), *shape[1:]) standard normal noise on the CPU."""
+        return self.per_row(shape, lambda row, g: torch.randn(row, generator=g, dtype=dtype))
 
 
 # -- simplex noise (AnoDDPM, Wyatt et al. 2022) -------------------------------------------------
@@ -126,9 +127,7 @@ def draw(kind: str, shape: Sequence[int], generator=None, dtype: torch.dtype = t
         if kind == "gaussian":
             out = generator.randn(shape, dtype=dtype)
         else:
-            if shape[0] != len(generator):
-                raise ValueError(f"batch of {shape[0]} rows, but {len(generator)} generators")
-            out = torch.cat([simplex((1, *shape[1:]), g, dtype) for g in generator.generators])
+            out = generator.per_row(shape, lambda row, g: simplex((1, *row), g, dtype)[0])
         return out.to(device) if device is not None else out
     if kind == "gaussian":
         source = generator.device if generator is not None else device

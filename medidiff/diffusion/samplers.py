@@ -21,7 +21,6 @@ from collections.abc import Callable, Sequence
 import torch
 
 from medidiff import names
-from medidiff.diffusion.noise import StackedGenerator
 from medidiff.diffusion.schedule import NoiseSchedule
 from medidiff.errors import ConfigError
 
@@ -99,10 +98,6 @@ def _denoise(model, x, t, schedule, extra_args, clip) -> tuple[torch.Tensor, tor
 def _randn(x: torch.Tensor, generator, schedule: NoiseSchedule) -> torch.Tensor:
     """The schedule's noise like ``x`` from a ``torch.Generator``, or one per row from a
     ``StackedGenerator``."""
-    if schedule.noise == "gaussian" and not isinstance(generator, StackedGenerator):
-        device = generator.device if generator is not None else x.device
-        z = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype)
-        return z.to(x.device)
     return schedule.draw_noise(x.shape, generator, dtype=x.dtype, device=x.device)
 
 

@@ -110,13 +110,15 @@ def reconstruct(net, images: torch.Tensor, ids: list[tuple[int, ...]], schedule:
     x = images.to(device) * 2.0 - 1.0
     copies = draws * len(tiles)
     repeated = x.repeat_interleave(copies, dim=0)
-    box = torch.zeros((copies, 1, *x.shape[2:]), dtype=torch.bool, device=device)
-    for index, tile in enumerate(tiles):
-        box[(slice(index, None, len(tiles)), slice(None), *tile)] = True
-    box = box.repeat(x.shape[0], 1, *[1] * (x.ndim - 2))
     patched = schedule.noise_patch is not None
-    model = _context_model(net, repeated, box) if patched else model_fn(net)
-    weight = box.float().reshape(x.shape[0], draws, len(tiles), 1, *x.shape[2:]).sum(dim=2)
+    model, weight = model_fn(net), 1.0
+    if patched:  # row r of a scan's copies noises tile r % len(tiles)
+        box = torch.zeros((copies, 1, *x.shape[2:]), dtype=torch.bool, device=device)
+        for index, tile in enumerate(tiles):
+            box[(slice(index, None, len(tiles)), slice(None), *tile)] = True
+        box = box.repeat(x.shape[0], 1, *[1] * (x.ndim - 2))
+        model = _context_model(net, repeated, box)
+        weight = box.float().reshape(x.shape[0], draws, len(tiles), 1, *x.shape[2:]).sum(dim=2)
     residual = torch.zeros_like(x[:, :1])
     recon = torch.zeros_like(x[:, :1])
     for index, level in enumerate(settings.noise_levels):
